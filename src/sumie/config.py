@@ -1,0 +1,247 @@
+"""Typed run configuration: dataclasses, named presets, TOML/YAML files, strict keys.
+
+A run is described by one :class:`RunConfig`; the resolved config is written as
+``config.json`` into every run folder (the habit of nanoGPT's ``GPTConfig`` and edm2's
+``training_options.json``). Unknown keys are errors that list the valid keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .nn.unet import UNetConfig
+
+
+@dataclass
+class DiffusionConfig:
+    """The diffusion process and its training objective."""
+
+    parameterization: str = "edm"  # eps | v | x0 | edm
+    beta_schedule: str = "linear"  # discrete schedules only: linear | scaled_linear | cosine
+    num_timesteps: int = 1000
+    zero_terminal_snr: bool = False
+    sigma_data: float = 0.5  # EDM
+    sigma_min: float = 0.002  # EDM sampling range
+    sigma_max: float = 80.0
+    p_mean: float = -1.2  # EDM log-normal training sigma
+    p_std: float = 1.2
+    loss_weighting: str = "native"  # native | min_snr
+    min_snr_gamma: float = 5.0
+    noise_offset: float = 0.0
+
+
+@dataclass
+class DataConfig:
+    kind: str = "shapes"  # shapes | folder
+    resolution: int = 32
+    path: str | None = None  # image folder for kind = "folder"
+    background: str = "plain"  # shapes: plain | textured | mixed
+    max_objects: int = 1
+    seed: int = 0
+    random_flip: bool = True
+    conditioning: str = "class"  # class | none
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    adam_betas: tuple[float, float] = (0.9, 0.99)
+    warmup_steps: int = 200
+    max_steps: int = 10_000
+    time_budget_s: float | None = None  # stop after this many seconds of training, if set
+    grad_clip: float = 1.0
+    grad_accum: int = 1
+    ema_decay: float = 0.999
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
+    cond_drop_prob: float = 0.1  # condition dropout for classifier-free guidance
+    ckpt_every: int = 500
+    keep_checkpoints: int = 2
+    sample_every: int = 1000
+    sample_n: int = 16
+    log_every: int = 25
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    num_threads: int | None = None
+
+
+@dataclass
+class SampleConfig:
+    sampler: str = "heun"
+    schedule: str = "karras"
+    steps: int = 30
+    rho: float = 7.0
+    eta: float = 0.0
+    guidance_scale: float = 1.0
+
+
+@dataclass
+class RunConfig:
+    model: UNetConfig = field(default_factory=UNetConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+
+# ---------------------------------------------------------------------------
+# Presets
+# ---------------------------------------------------------------------------
+
+def _shapes_model(**kw) -> UNetConfig:
+    from .data.shapes import NUM_CLASSES
+
+    base = dict(in_channels=3, out_channels=3, model_channels=64, channel_mult=(1, 2, 2), num_res_blocks=1,
+                attention_resolutions=(4,), num_heads=4, num_classes=NUM_CLASSES, norm_groups=16)
+    base.update(kw)
+    return UNetConfig(**base)
+
+
+def _preset_shapes32() -> RunConfig:
+    """Class-conditional (shape x colour) pixel model at 32x32, sized for 10 minutes on 2 CPU cores."""
+    return RunConfig(model=_shapes_model(), data=DataConfig(kind="shapes", resolution=32),
+                     train=TrainConfig(batch_size=64, lr=2e-3, max_steps=4000, warmup_steps=100,
+                                       ckpt_every=500, sample_every=1000, ema_decay=0.998))
+
+
+def _preset_tiny() -> RunConfig:
+    """A few-second model for tests and smoke runs."""
+    return RunConfig(model=_shapes_model(model_channels=16, channel_mult=(1, 2), attention_resolutions=(2,),
+                                         norm_groups=8, num_heads=2),
+                     data=DataConfig(kind="shapes", resolution=16),
+                     train=TrainConfig(batch_size=16, lr=2e-3, max_steps=40, warmup_steps=5, ckpt_every=20,
+                                       sample_every=0, sample_n=4, log_every=10, ema_decay=0.9),
+                     sample=SampleConfig(steps=8))
+
+
+PRESETS = {"shapes-32": _preset_shapes32, "tiny": _preset_tiny}
+
+
+def preset(name: str) -> RunConfig:
+    try:
+        return PRESETS[name]()
+    except KeyError:
+        raise ValueError(f"unknown preset {name!r}; valid: {', '.join(sorted(PRESETS))}") from None
+
+
+# ---------------------------------------------------------------------------
+# dicts and files -> dataclasses, with strict keys
+# ---------------------------------------------------------------------------
+
+def _coerce(tp: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return _from_dict(tp, value, where)
+    if origin is tuple and isinstance(value, (list, tuple)):
+        return tuple(value)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        for a in args:
+            try:
+                return _coerce(a, value, where)
+            except (TypeError, ValueError):
+                continue
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float, str, bool) and not isinstance(value, tp):
+        raise TypeError(f"{where}: expected {tp.__name__}, got {value!r}")
+    return value
+
+
+def _from_dict(cls: type, data: Any, where: str = "config") -> Any:
+    if isinstance(data, cls):
+        return data
+    if not isinstance(data, dict):
+        raise TypeError(f"{where}: expected a table of keys, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - fields)
+    if unknown:
+        raise ValueError(f"unknown key(s) {', '.join(repr(k) for k in unknown)} in {where}; "
+                         f"valid keys: {', '.join(sorted(fields))}")
+    return cls(**{k: _coerce(hints[k], v, f"{where}.{k}") for k, v in data.items()})
+
+
+def merge(config: RunConfig, updates: dict) -> RunConfig:
+    """Return ``config`` with the nested ``updates`` applied (strict keys)."""
+    base = config.to_dict()
+    unknown = sorted(set(updates) - set(base))
+    if unknown:
+        raise ValueError(f"unknown section(s) {', '.join(map(repr, unknown))} in config; "
+                         f"valid sections: {', '.join(sorted(base))}")
+    for section, values in updates.items():
+        if not isinstance(values, dict):
+            raise TypeError(f"config section {section!r} must be a table of keys")
+        sub_cls = type(getattr(config, section))
+        valid = {f.name for f in dataclasses.fields(sub_cls)}
+        bad = sorted(set(values) - valid)
+        if bad:
+            raise ValueError(f"unknown key(s) {', '.join(map(repr, bad))} in [{section}]; "
+                             f"valid keys: {', '.join(sorted(valid))}")
+        base[section].update(values)
+    return from_dict(base)
+
+
+def from_dict(data: dict) -> RunConfig:
+    return _from_dict(RunConfig, data, "config")
+
+
+def read_config_file(path: str | Path) -> dict:
+    """Read a TOML (.toml), YAML (.yaml/.yml) or JSON file into a dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    text = path.read_text()
+    suffix = path.suffix.lower()
+    if suffix == ".toml":
+        try:
+            import tomllib
+        except ModuleNotFoundError:  # Python 3.10
+            import tomli as tomllib
+        return tomllib.loads(text)
+    if suffix in (".yaml", ".yml"):
+        import yaml
+
+        return yaml.safe_load(text) or {}
+    if suffix == ".json":
+        return json.loads(text)
+    raise ValueError(f"unsupported config file {path.name}: use .toml, .yaml, .yml or .json")
+
+
+def parse_override(text: str) -> dict:
+    """``section.key=value`` (value parsed as JSON when possible) -> {section: {key: value}}."""
+    if "=" not in text or "." not in text.split("=", 1)[0]:
+        raise ValueError(f"override {text!r} must look like section.key=value, e.g. train.max_steps=500")
+    key, raw = text.split("=", 1)
+    section, name = key.strip().split(".", 1)
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    return {section: {name: value}}
+
+
+def resolve(preset_name: str | None = "shapes-32", file: str | Path | None = None,
+            overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Preset, then file, then ``section.key=value`` overrides, each strictly checked."""
+    config = preset(preset_name) if preset_name else RunConfig()
+    if file is not None:
+        config = merge(config, read_config_file(file))
+    for o in overrides:
+        config = merge(config, parse_override(o))
+    return config

@@ -1,0 +1,175 @@
+"""Native checkpoints: safetensors weights + JSON, written atomically.
+
+A checkpoint is a folder ``ckpt-<step>/`` holding
+
+* ``model.safetensors``  raw network weights        * ``ema.safetensors``   EMA weights
+* ``state.safetensors``  optimizer moments, RNG states
+* ``state.json``         step, data position, optimizer hyper-parameters
+* ``config.json``        the resolved :class:`sumie.config.RunConfig`
+
+It is written into ``ckpt-<step>.tmp-<pid>/``, flushed to disk, and renamed into place in
+one atomic ``rename``: a kill at any instant leaves either the old set of complete
+checkpoints or the new one, never a half-written folder that looks complete.
+Pickles are never loaded: weights are safetensors only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+CKPT_RE = re.compile(r"^ckpt-(\d+)$")
+REQUIRED = ("model.safetensors", "ema.safetensors", "state.safetensors", "state.json", "config.json")
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint or weights file that cannot be read; the message says why and what to do."""
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """Write a safetensors file atomically (temporary file in the same folder, then rename)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    contiguous = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    save_file(contiguous, str(tmp), metadata=metadata)
+    _fsync_file(tmp)
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def load_tensors(path: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """Read a safetensors file; pickles and damaged files raise :class:`CheckpointError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"weights file not found: {path}")
+    if path.suffix.lower() in PICKLE_SUFFIXES or _looks_like_pickle(path):
+        raise CheckpointError(
+            f"{path} is a pickle (or zip-of-pickles) file; sumie never loads pickles by default because "
+            "unpickling can run arbitrary code. Convert it to .safetensors with a tool you trust.")
+    try:
+        return load_file(str(path), device=str(device))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({e}); it may be truncated or "
+                              "corrupt. Use an earlier checkpoint or re-export the weights.") from e
+
+
+def _looks_like_pickle(path: Path) -> bool:
+    with open(path, "rb") as f:
+        head = f.read(4)
+    return head[:1] == b"\x80" or head[:2] == b"PK"  # pickle protocol byte / torch zip archive
+
+
+def write_json(path: Path, obj) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2))
+    _fsync_file(tmp)
+    os.replace(tmp, path)
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"missing file: {path}") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e})") from e
+
+
+def write_checkpoint(run_dir: str | Path, step: int, files: dict[str, object]) -> Path:
+    """Write ``files`` (name -> tensors dict or JSON-able object) as ``run_dir/ckpt-<step>``, atomically."""
+    run_dir = Path(run_dir)
+    final = run_dir / f"ckpt-{step:07d}"
+    tmp = run_dir / f"ckpt-{step:07d}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    for name, content in files.items():
+        if name.endswith(".safetensors"):
+            save_file({k: v.detach().contiguous().cpu() for k, v in content.items()}, str(tmp / name))
+        else:
+            (tmp / name).write_text(json.dumps(content, indent=2))
+        _fsync_file(tmp / name)
+    _fsync_dir(tmp)
+    if final.exists():  # re-saving the same step (e.g. after a resume): replace it whole
+        old = run_dir / f".old-{final.name}-{os.getpid()}"
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    _fsync_dir(run_dir)
+    return final
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first (temporary folders are ignored)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    found = []
+    for p in run_dir.iterdir():
+        m = CKPT_RE.match(p.name)
+        if m and p.is_dir() and all((p / f).is_file() for f in REQUIRED):
+            found.append((int(m.group(1)), p))
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    ckpts = list_checkpoints(run_dir)
+    return ckpts[-1] if ckpts else None
+
+
+def prune_checkpoints(run_dir: str | Path, keep: int) -> None:
+    """Delete all but the newest ``keep`` complete checkpoints, and stale temporary folders."""
+    run_dir = Path(run_dir)
+    for p in run_dir.glob("ckpt-*.tmp-*"):
+        shutil.rmtree(p, ignore_errors=True)
+    if keep > 0:
+        for p in list_checkpoints(run_dir)[:-keep]:
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A run folder (-> its newest checkpoint) or a checkpoint folder -> checkpoint folder."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"no such run or checkpoint folder: {path}")
+    if path.is_dir() and CKPT_RE.match(path.name):
+        missing = [f for f in REQUIRED if not (path / f).is_file()]
+        if missing:
+            raise CheckpointError(f"checkpoint {path} is incomplete (missing {', '.join(missing)})")
+        return path
+    if path.is_dir():
+        ckpt = latest_checkpoint(path)
+        if ckpt is None:
+            raise CheckpointError(f"{path} holds no complete checkpoint (ckpt-*/ with {', '.join(REQUIRED)}); "
+                                  "train first with `sumie train --out DIR`")
+        return ckpt
+    raise CheckpointError(f"{path} is a file; pass the run folder or a ckpt-* folder")

@@ -1,0 +1,60 @@
+"""From a trained denoiser to images: choose sigmas, draw seeded noise, guide, sample.
+
+Everything the user can vary (sampler, schedule, steps, eta, guidance scale, seed) is an
+argument; the sampler itself is a pure function from :mod:`sumie.samplers`.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Callable, Sequence
+
+import torch
+
+from .diffusion.guidance import CFGDenoiser
+from .diffusion.precond import Denoiser, DiscreteDenoiser
+from .diffusion.schedules import sampling_sigmas
+from .samplers import generators_for, get_sampler, randn
+
+
+def class_cond(labels: Sequence[int] | torch.Tensor, device=None) -> dict:
+    """Condition dict for a class-conditional model; label -1 means "no class"."""
+    return {"class_labels": torch.as_tensor(labels, dtype=torch.long, device=device)}
+
+
+def sigmas_for(denoiser: Denoiser, schedule: str, steps: int, rho: float = 7.0) -> torch.Tensor:
+    """The sampling sigmas named ``schedule`` within the denoiser's own noise range."""
+    discrete = denoiser.schedule if isinstance(denoiser, DiscreteDenoiser) else None
+    return sampling_sigmas(schedule, steps, sigma_min=denoiser.sigma_min, sigma_max=denoiser.sigma_max,
+                           discrete=discrete, rho=rho)
+
+
+@torch.no_grad()
+def sample(denoiser: Denoiser, shape: Sequence[int], n: int, *, cond: dict | None = None,
+           uncond: dict | None = None, sampler: str = "heun", schedule: str = "karras", steps: int = 30,
+           rho: float = 7.0, eta: float | None = None, guidance_scale: float = 1.0, seed: int = 0,
+           callback: Callable | None = None, sigmas: torch.Tensor | None = None,
+           device: torch.device | str | None = None) -> torch.Tensor:
+    """Draw ``n`` samples of ``shape`` (C, H, W); sample i is seeded with ``seed + i``.
+
+    Returns the final x (sigma = 0) in the model's data space, (n, C, H, W) float32.
+    """
+    fn = get_sampler(sampler)
+    if device is None:
+        device = next(denoiser.parameters()).device
+    if sigmas is None:
+        sigmas = sigmas_for(denoiser, schedule, steps, rho)
+    sigmas = sigmas.to(device=device, dtype=torch.float32)
+    kwargs = {}
+    if eta is not None:
+        if "eta" not in inspect.signature(fn).parameters:
+            raise ValueError(f"sampler {sampler!r} takes no eta (samplers with eta: ddim, euler_ancestral)")
+        kwargs["eta"] = eta
+    gens = generators_for(seed, n)
+    x = randn((n, *shape), gens, device=device) * sigmas[0]
+    model = denoiser
+    if guidance_scale != 1.0:
+        if uncond is None:
+            raise ValueError("classifier-free guidance needs an unconditional input (uncond)")
+        model = CFGDenoiser(denoiser, uncond, guidance_scale)
+    return fn(model, x, sigmas, cond=cond, callback=callback, generator=gens, **kwargs)

@@ -1,0 +1,326 @@
+"""The one training loop: data -> loss -> AdamW with warmup, clipping, EMA, checkpoints.
+
+Deterministic and resumable: the data order is a pure function of (seed, step), and the
+checkpoint carries every RNG state, so ``--resume`` reproduces the loss trajectory of an
+uninterrupted run. SIGINT/SIGTERM save a checkpoint at the next step boundary; a
+non-finite loss stops the run with the last good checkpoint left whole.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import threading
+import time
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset, default_collate
+
+from ..config import RunConfig, from_dict
+from ..data import build_dataset
+from ..diffusion.losses import DiffusionLoss
+from ..diffusion.precond import Denoiser
+from ..diffusion.schedules import LogNormalSigma, UniformTimestepSigma
+from ..image import make_grid, save_png, to_uint8, upscale
+from ..io.checkpoint import (CheckpointError, latest_checkpoint, load_tensors, prune_checkpoints, read_json,
+                             write_checkpoint)
+from ..models import build_denoiser, load_state_strict
+from ..pipeline import class_cond, sample
+from .ema import EMA
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    status: str  # "finished" | "interrupted" | "budget"
+    losses: list[float]
+    images_per_s: float
+    elapsed_s: float
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {name!r} requested but CUDA is not available; use device = 'cpu'")
+    return dev
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """bf16/fp16 autocast on CUDA; fp32 on CPU (no native bf16 on most CPUs: ~200x slower)."""
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+class DataOrder:
+    """Index of the j-th example of the run: epoch-wise permutations seeded by (seed, epoch)."""
+
+    def __init__(self, n: int, seed: int, shuffle: bool):
+        self.n, self.seed, self.shuffle = n, seed, shuffle
+        self._perm: tuple[int, torch.Tensor] | None = None
+
+    def __call__(self, position: int) -> int:
+        if not self.shuffle:
+            return position % self.n
+        epoch, k = divmod(position, self.n)
+        if self._perm is None or self._perm[0] != epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perm = (epoch, torch.randperm(self.n, generator=g))
+        return int(self._perm[1][k])
+
+
+def make_loss(config: RunConfig, denoiser: Denoiser) -> DiffusionLoss:
+    d = config.diffusion
+    if d.parameterization == "edm":
+        sampler = LogNormalSigma(d.p_mean, d.p_std)
+    else:
+        sampler = UniformTimestepSigma(denoiser.schedule)
+    return DiffusionLoss(sampler, d.loss_weighting, d.min_snr_gamma, d.noise_offset)
+
+
+def batch_to_cond(config: RunConfig, batch: dict, device, generator: torch.Generator) -> dict | None:
+    """Condition dict for a batch, with condition dropout (p = cond_drop_prob) for CFG."""
+    if config.model.num_classes is None or config.data.conditioning == "none":
+        return None
+    labels = batch["label"].to(device).long()
+    p = config.train.cond_drop_prob
+    if p > 0:
+        drop = torch.rand(labels.shape[0], generator=generator) < p
+        labels = torch.where(drop.to(device), torch.full_like(labels, -1), labels)
+    return class_cond(labels, device)
+
+
+@contextmanager
+def _stop_on_signals(flag: threading.Event):
+    """Turn SIGINT/SIGTERM into a flag checked at step boundaries (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    def handler(signum, frame):
+        if flag.is_set():  # a second signal: give up at once
+            raise KeyboardInterrupt
+        flag.set()
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict, list]:
+    sd = opt.state_dict()
+    tensors = {}
+    for idx, st in sd["state"].items():
+        for k, v in st.items():
+            tensors[f"opt.{idx}.{k}"] = v if isinstance(v, torch.Tensor) else torch.tensor(v)
+    return tensors, sd["param_groups"]
+
+
+def _load_optimizer(opt: torch.optim.Optimizer, tensors: dict, groups: list) -> None:
+    state: dict = {}
+    for key, v in tensors.items():
+        if key.startswith("opt."):
+            _, idx, name = key.split(".", 2)
+            state.setdefault(int(idx), {})[name] = v
+    opt.load_state_dict({"state": state, "param_groups": groups})
+
+
+class Trainer:
+    """Holds the model, optimizer, EMA and RNGs of one run; :meth:`run` trains it."""
+
+    def __init__(self, config: RunConfig, run_dir: str | Path, *, resume: bool = False, progress: bool = True):
+        self.config = config
+        self.run_dir = Path(run_dir)
+        self.progress = progress
+        t = config.train
+        if t.precision not in ("auto", "fp32", "bf16", "fp16"):
+            raise ValueError(f"unknown precision {t.precision!r}; valid: auto, fp32, bf16, fp16")
+        if t.grad_accum < 1 or t.batch_size < 1:
+            raise ValueError("train.batch_size and train.grad_accum must be >= 1")
+        self.device = resolve_device(t.device)
+        if t.num_threads:
+            torch.set_num_threads(t.num_threads)
+        self.dataset: Dataset = build_dataset(config.data)
+        torch.manual_seed(t.seed)
+        self.denoiser = build_denoiser(config).to(self.device)
+        self.ema = EMA(self.denoiser.net, t.ema_decay)
+        self.opt = torch.optim.AdamW(self.denoiser.net.parameters(), lr=t.lr, betas=tuple(t.adam_betas),
+                                     weight_decay=t.weight_decay)
+        self.loss_fn = make_loss(config, self.denoiser)
+        self.amp_dtype = autocast_dtype(t.precision, self.device)
+        self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
+        self.noise_gen = torch.Generator(device=self.device).manual_seed(t.seed + 1)
+        self.cond_gen = torch.Generator().manual_seed(t.seed + 2)
+        self.order = DataOrder(len(self.dataset), config.data.seed, shuffle=config.data.kind != "shapes")
+        self.step = 0
+        self.elapsed = 0.0
+        if resume:
+            self._resume()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.json").write_text(config.to_json())
+
+    # -- state ---------------------------------------------------------------
+    def _resume(self) -> None:
+        ckpt = latest_checkpoint(self.run_dir)
+        if ckpt is None:
+            raise CheckpointError(f"--resume: no complete checkpoint in {self.run_dir}")
+        saved = from_dict(read_json(ckpt / "config.json"))
+        if saved.model != self.config.model or saved.diffusion != self.config.diffusion:
+            raise CheckpointError(f"--resume: the model/diffusion config differs from the one in {ckpt}; "
+                                  "resume with the run's own config (omit --preset/--config)")
+        load_state_strict(self.denoiser.net, load_tensors(ckpt / "model.safetensors"), str(ckpt))
+        load_state_strict(self.ema.shadow, load_tensors(ckpt / "ema.safetensors"), str(ckpt))
+        state = read_json(ckpt / "state.json")
+        tensors = load_tensors(ckpt / "state.safetensors")
+        _load_optimizer(self.opt, tensors, state["param_groups"])
+        self.noise_gen.set_state(tensors["rng.noise"])
+        self.cond_gen.set_state(tensors["rng.cond"])
+        torch.set_rng_state(tensors["rng.torch"])
+        self.step, self.elapsed = state["step"], state["elapsed_s"]
+        self.ema.num_updates = state["ema_updates"]
+
+    def save(self) -> Path:
+        opt_tensors, groups = _optimizer_tensors(self.opt)
+        opt_tensors.update({"rng.noise": self.noise_gen.get_state(), "rng.cond": self.cond_gen.get_state(),
+                            "rng.torch": torch.get_rng_state()})
+        path = write_checkpoint(self.run_dir, self.step, {
+            "model.safetensors": self.denoiser.net.state_dict(),
+            "ema.safetensors": self.ema.shadow.state_dict(),
+            "state.safetensors": opt_tensors,
+            "state.json": {"step": self.step, "elapsed_s": self.elapsed, "ema_updates": self.ema.num_updates,
+                           "param_groups": groups},
+            "config.json": self.config.to_dict(),
+        })
+        prune_checkpoints(self.run_dir, self.config.train.keep_checkpoints)
+        return path
+
+    # -- one step ------------------------------------------------------------
+    def lr_at(self, step: int) -> float:
+        t = self.config.train
+        return t.lr * min(1.0, (step + 1) / max(1, t.warmup_steps))
+
+    def get_batch(self, step: int, micro: int) -> dict:
+        t = self.config.train
+        start = (step * t.grad_accum + micro) * t.batch_size
+        return default_collate([self.dataset[self.order(start + j)] for j in range(t.batch_size)])
+
+    def train_step(self) -> float:
+        t = self.config.train
+        for g in self.opt.param_groups:
+            g["lr"] = self.lr_at(self.step)
+        self.denoiser.train()
+        total = 0.0
+        for micro in range(t.grad_accum):
+            batch = self.get_batch(self.step, micro)
+            x0 = batch["x"].to(self.device)
+            cond = batch_to_cond(self.config, batch, self.device, self.cond_gen)
+            ctx = (torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else nullcontext())
+            with ctx:
+                loss = self.loss_fn(self.denoiser, x0, cond, generator=self.noise_gen).mean() / t.grad_accum
+            if not torch.isfinite(loss):
+                raise TrainingDiverged(
+                    f"loss became {float(loss)} at step {self.step}; training stopped. The last good "
+                    f"checkpoint in {self.run_dir} is intact. Lower train.lr, raise train.warmup_steps, "
+                    "or use precision = 'fp32'.")
+            (self.scaler.scale(loss) if self.scaler else loss).backward()
+            total += float(loss)
+        if self.scaler:
+            self.scaler.unscale_(self.opt)
+        if t.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.denoiser.net.parameters(), t.grad_clip)
+        if self.scaler:
+            self.scaler.step(self.opt)
+            self.scaler.update()
+        else:
+            self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.ema.update(self.denoiser.net)
+        self.step += 1
+        return total
+
+    # -- periodic outputs ----------------------------------------------------
+    def ema_denoiser(self) -> Denoiser:
+        den = build_denoiser(self.config).to(self.device)
+        den.net.load_state_dict(self.ema.shadow.state_dict())
+        return den.eval()
+
+    def sample_grid(self) -> Path:
+        t, s, d = self.config.train, self.config.sample, self.config.data
+        n = t.sample_n
+        cond = None
+        if self.config.model.num_classes is not None and d.conditioning != "none":
+            cond = class_cond([i % self.config.model.num_classes for i in range(n)], self.device)
+        den = self.ema_denoiser()
+        c = self.config.model.in_channels
+        x = sample(den, (c, d.resolution, d.resolution), n, cond=cond, sampler=s.sampler, schedule=s.schedule,
+                   steps=s.steps, rho=s.rho, seed=0)
+        grid = make_grid(to_uint8(x[:, :3]))
+        return save_png(self.run_dir / "samples" / f"step-{self.step:07d}.png", upscale(grid, 2))
+
+    # -- the loop ------------------------------------------------------------
+    def run(self, max_steps: int | None = None) -> TrainResult:
+        """Train until ``max_steps`` (default: config), the time budget, or a signal."""
+        t = self.config.train
+        max_steps = t.max_steps if max_steps is None else max_steps
+        stop = threading.Event()
+        losses: list[float] = []
+        log_path = self.run_dir / "log.jsonl"
+        bar = None
+        if self.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=max_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
+        status = "finished"
+        imgs = 0
+        t_run = 0.0
+        with _stop_on_signals(stop), open(log_path, "a") as log:
+            while self.step < max_steps:
+                if t.time_budget_s is not None and self.elapsed >= t.time_budget_s:
+                    status = "budget"
+                    break
+                t0 = time.perf_counter()
+                loss = self.train_step()
+                dt = time.perf_counter() - t0
+                self.elapsed += dt
+                t_run += dt
+                imgs += t.batch_size * t.grad_accum
+                losses.append(loss)
+                ips = imgs / max(t_run, 1e-9)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{ips:.1f}")
+                if self.step % t.log_every == 0 or self.step == max_steps:
+                    log.write(json.dumps({"step": self.step, "loss": loss, "lr": self.lr_at(self.step - 1),
+                                          "images_per_s": ips, "elapsed_s": self.elapsed}) + "\n")
+                    log.flush()
+                if t.ckpt_every and self.step % t.ckpt_every == 0:
+                    self.save()
+                if t.sample_every and self.step % t.sample_every == 0:
+                    self.sample_grid()
+                if stop.is_set():
+                    status = "interrupted"
+                    break
+        if bar is not None:
+            bar.close()
+        last = latest_checkpoint(self.run_dir)
+        if last is None or last.name != f"ckpt-{self.step:07d}":
+            self.save()
+        return TrainResult(self.run_dir, self.step, status, losses, imgs / max(t_run, 1e-9), self.elapsed)
+
+
+def train(config: RunConfig, run_dir: str | Path, *, resume: bool = False, progress: bool = True,
+          max_steps: int | None = None) -> TrainResult:
+    """Train ``config`` into ``run_dir`` (see :class:`Trainer`)."""
+    return Trainer(config, run_dir, resume=resume, progress=progress).run(max_steps)
