@@ -161,7 +161,7 @@ class UNet(nn.Module):
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
 
         self.out = nn.Sequential(group_norm(ch, c.norm_groups), nn.SiLU(),
-                                 zero_module(nn.Conv2d(c.model_channels, c.out_channels, 3, padding=1)))
+                                 zero_module(nn.Conv2d(ch, c.out_channels, 3, padding=1)))
 
     @property
     def downsampling_factor(self) -> int:

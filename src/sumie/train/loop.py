@@ -20,8 +20,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset, default_collate
 
-from ..config import RunConfig, from_dict
-from ..data import build_dataset
+from ..config import DataConfig, RunConfig, from_dict
 from ..diffusion.losses import DiffusionLoss
 from ..diffusion.precond import Denoiser
 from ..diffusion.schedules import LogNormalSigma, UniformTimestepSigma
@@ -78,6 +77,22 @@ class DataOrder:
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
             self._perm = (epoch, torch.randperm(self.n, generator=g))
         return int(self._perm[1][k])
+
+
+def dataset_for(d: DataConfig) -> Dataset:
+    """The dataset a :class:`DataConfig` describes."""
+    if d.kind == "shapes":
+        from ..data.shapes import ShapesConfig, ShapesDataset
+
+        return ShapesDataset(ShapesConfig(resolution=d.resolution, background=d.background,
+                                          max_objects=d.max_objects, seed=d.seed))
+    if d.kind == "folder":
+        from ..data.folder import ImageFolderDataset
+
+        if not d.path:
+            raise ValueError("data.kind = 'folder' needs data.path, the folder of images")
+        return ImageFolderDataset(d.path, d.resolution, random_flip=d.random_flip, seed=d.seed)
+    raise ValueError(f"unknown data kind {d.kind!r}; valid: shapes, folder")
 
 
 def make_loss(config: RunConfig, denoiser: Denoiser) -> DiffusionLoss:
@@ -152,7 +167,7 @@ class Trainer:
         self.device = resolve_device(t.device)
         if t.num_threads:
             torch.set_num_threads(t.num_threads)
-        self.dataset: Dataset = build_dataset(config.data)
+        self.dataset: Dataset = dataset_for(config.data)
         torch.manual_seed(t.seed)
         self.denoiser = build_denoiser(config).to(self.device)
         self.ema = EMA(self.denoiser.net, t.ema_decay)
@@ -231,11 +246,11 @@ class Trainer:
                 loss = self.loss_fn(self.denoiser, x0, cond, generator=self.noise_gen).mean() / t.grad_accum
             if not torch.isfinite(loss):
                 raise TrainingDiverged(
-                    f"loss became {float(loss)} at step {self.step}; training stopped. The last good "
+                    f"loss became {float(loss.detach())} at step {self.step}; training stopped. The last good "
                     f"checkpoint in {self.run_dir} is intact. Lower train.lr, raise train.warmup_steps, "
                     "or use precision = 'fp32'.")
             (self.scaler.scale(loss) if self.scaler else loss).backward()
-            total += float(loss)
+            total += float(loss.detach())
         if self.scaler:
             self.scaler.unscale_(self.opt)
         if t.grad_clip > 0:

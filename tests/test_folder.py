@@ -1,0 +1,112 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import default_collate
+
+from sumie.data import build_dataset
+from sumie.data.folder import ImageFolderDataset
+
+
+def _img(path, w=40, h=24, mode="RGB", seed=0):
+    rng = np.random.default_rng(seed)
+    arr = rng.integers(0, 256, (h, w, len(mode)), dtype=np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr.squeeze(-1) if mode == "L" else arr, mode).save(path)
+    return path
+
+
+def test_captions_from_metadata_and_txt_and_recursive(tmp_path):
+    _img(tmp_path / "a.png", seed=1)
+    _img(tmp_path / "b.jpg", seed=2)
+    _img(tmp_path / "sub" / "c.webp", seed=3)
+    _img(tmp_path / "sub" / "d.png", seed=4)
+    (tmp_path / "notes.md").write_text("not an image")
+    (tmp_path / "metadata.jsonl").write_text(
+        json.dumps({"file_name": "a.png", "text": "a red circle"}) + "\n\n"
+        + json.dumps({"file_name": "sub/c.webp", "text": "from metadata"}) + "\n")
+    (tmp_path / "b.txt").write_text("  a caption from a txt file\n")
+    (tmp_path / "sub" / "c.txt").write_text("metadata wins over txt")
+    ds = ImageFolderDataset(tmp_path, 16, random_flip=False)
+    got = {p.name: c for p, c in zip(ds.paths, ds.captions)}
+    assert got == {"a.png": "a red circle", "b.jpg": "a caption from a txt file", "c.webp": "from metadata",
+                   "d.png": ""}
+    batch = default_collate([ds[i] for i in range(len(ds))])
+    assert batch["x"].shape == (4, 3, 16, 16) and batch["x"].dtype == torch.float32
+    assert batch["x"].min() >= -1 and batch["x"].max() <= 1 and (batch["label"] == -1).all()
+
+
+def test_resize_center_crop_alpha_and_grayscale(tmp_path):
+    # left half red, right half blue, 60x20: the centre crop of the resized image is half red, half blue
+    arr = np.zeros((20, 60, 3), np.uint8)
+    arr[:, :30] = (255, 0, 0)
+    arr[:, 30:] = (0, 0, 255)
+    Image.fromarray(arr).save(tmp_path / "wide.png")
+    rgba = np.zeros((8, 8, 4), np.uint8)  # fully transparent -> white
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "clear.png")
+    _img(tmp_path / "gray.png", 10, 10, mode="L")
+    ds = ImageFolderDataset(tmp_path, 8, random_flip=False)
+    items = {p.name: ds[i]["x"] for i, p in enumerate(ds.paths)}
+    wide = items["wide.png"]
+    assert wide.shape == (3, 8, 8)
+    assert wide[0, :, :3].mean() > 0.9 and wide[2, :, -3:].mean() > 0.9
+    assert torch.allclose(items["clear.png"], torch.ones(3, 8, 8))
+    assert items["gray.png"].shape == (3, 8, 8)
+
+
+def test_random_flip_is_deterministic_per_seed_index_epoch(tmp_path):
+    arr = np.zeros((16, 16, 3), np.uint8)
+    arr[:, :8] = 255
+    Image.fromarray(arr).save(tmp_path / "half.png")
+    ds = ImageFolderDataset(tmp_path, 16, random_flip=True, seed=0)
+    flips = []
+    for epoch in range(16):
+        ds.set_epoch(epoch)
+        x = ds[0]["x"]
+        assert torch.equal(x, ds[0]["x"])
+        flips.append(bool(x[0, 0, 0] < 0))  # left column dark -> flipped
+    assert 0 < sum(flips) < 16
+    again = ImageFolderDataset(tmp_path, 16, random_flip=True, seed=0)
+    again.set_epoch(3)
+    ds.set_epoch(3)
+    assert torch.equal(again[0]["x"], ds[0]["x"])
+    no_flip = ImageFolderDataset(tmp_path, 16, random_flip=False)
+    assert all(no_flip[0]["x"][0, 0, 0] > 0 for _ in range(3))
+
+
+def test_truncated_and_corrupt_files_are_skipped_with_one_warning(tmp_path):
+    _img(tmp_path / "good.png", 32, 32)
+    raw = (tmp_path / "good.png").read_bytes()
+    (tmp_path / "truncated.png").write_bytes(raw[: len(raw) // 2])
+    _img(tmp_path / "j.jpg", 64, 64)
+    raw = (tmp_path / "j.jpg").read_bytes()
+    (tmp_path / "truncated.jpg").write_bytes(raw[: len(raw) // 2])
+    (tmp_path / "garbage.webp").write_bytes(b"not an image at all")
+    with pytest.warns(UserWarning, match=r"skipped 3 unreadable") as rec:
+        ds = ImageFolderDataset(tmp_path, 16)
+    msg = str(rec[0].message)
+    assert len(rec) == 1 and ("truncated" in msg or "garbage" in msg)
+    assert sorted(p.name for p in ds.paths) == ["good.png", "j.jpg"]
+
+
+def test_missing_and_empty_folders_raise_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope"):
+        ImageFolderDataset(tmp_path / "nope", 16)
+    (tmp_path / "readme.txt").write_text("no images here")
+    with pytest.raises(ValueError, match=r"no usable images.*\.png, \.jpg, \.jpeg, \.webp"):
+        ImageFolderDataset(tmp_path, 16)
+
+
+def test_bad_metadata_line_is_a_clear_error(tmp_path):
+    _img(tmp_path / "a.png")
+    (tmp_path / "metadata.jsonl").write_text('{"text": "no file name"}\n')
+    with pytest.raises(ValueError, match="metadata.jsonl:1"):
+        ImageFolderDataset(tmp_path, 16)
+
+
+def test_build_dataset_folder(tmp_path):
+    _img(tmp_path / "a.png")
+    ds = build_dataset("folder", root=tmp_path, resolution=12)
+    assert len(ds) == 1 and ds[0]["x"].shape == (3, 12, 12) and ds[0]["caption"] == ""

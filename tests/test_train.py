@@ -1,0 +1,150 @@
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from sumie.io.checkpoint import latest_checkpoint, list_checkpoints, load_tensors
+from sumie.models import load_model
+from sumie.train.loop import Trainer, TrainingDiverged, train
+
+
+def test_loss_falls_on_a_tiny_run(tiny_config, tmp_path):
+    tiny_config.train.max_steps = 120
+    tiny_config.train.ckpt_every = 60
+    trainer = Trainer(tiny_config, tmp_path / "run", progress=False)
+    batch = trainer.get_batch(10_000, 0)  # held-out examples, fixed sigmas and noise
+
+    def eval_loss():
+        with torch.no_grad():
+            cond = {"class_labels": batch["label"]}
+            return float(trainer.loss_fn(trainer.denoiser, batch["x"], cond,
+                                         generator=torch.Generator().manual_seed(0)).mean())
+
+    before = eval_loss()
+    res = trainer.run()
+    assert res.step == 120 and res.status == "finished"
+    assert eval_loss() < 0.8 * before
+    assert (tmp_path / "run" / "config.json").is_file() and (tmp_path / "run" / "log.jsonl").is_file()
+    denoiser, cfg = load_model(tmp_path / "run")
+    assert cfg == tiny_config
+
+
+def test_resume_reproduces_the_uninterrupted_run(tiny_config, tmp_path):
+    full = train(tiny_config, tmp_path / "a", progress=False)
+    first = train(tiny_config, tmp_path / "b", progress=False, max_steps=10)
+    rest = Trainer(tiny_config, tmp_path / "b", resume=True, progress=False).run()
+    assert first.step == 10 and rest.step == 20
+    assert first.losses + rest.losses == full.losses  # bit-identical loss trajectory
+    wa = load_tensors(latest_checkpoint(tmp_path / "a") / "ema.safetensors")
+    wb = load_tensors(latest_checkpoint(tmp_path / "b") / "ema.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_config, tmp_path, monkeypatch):
+    tiny_config.train.ckpt_every = 1
+    trainer = Trainer(tiny_config, tmp_path, progress=False)
+    real = trainer.loss_fn
+
+    def poisoned(den, x0, cond=None, generator=None):
+        out = real(den, x0, cond, generator=generator)
+        return out * float("nan") if trainer.step >= 3 else out
+
+    trainer.loss_fn = poisoned
+    with pytest.raises(TrainingDiverged, match="step 3.*last good checkpoint"):
+        trainer.run()
+    assert latest_checkpoint(tmp_path).name == "ckpt-0000003"
+    den, _ = load_model(tmp_path)
+    assert all(torch.isfinite(p).all() for p in den.parameters())
+
+
+def _cli(*args):
+    return [sys.executable, "-m", "sumie.cli", *args]
+
+
+def _wait_for(pred, timeout=60.0):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if pred():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_saves_state_and_resume_continues(tmp_path, sig):
+    run = tmp_path / "run"
+    proc = subprocess.Popen(_cli("train", "--preset", "tiny", "--out", str(run), "--no-progress",
+                                 "--set", "train.max_steps=100000", "--set", "train.ckpt_every=1000"),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert _wait_for(lambda: (run / "log.jsonl").is_file() and (run / "log.jsonl").stat().st_size > 0)
+    proc.send_signal(sig)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    assert "interrupted" in out and "--resume" in out
+    ckpt = latest_checkpoint(run)
+    step = int(ckpt.name.split("-")[1])
+    assert step >= 10
+    res = subprocess.run(_cli("train", "--out", str(run), "--resume", "--no-progress", "--max-steps", str(step + 3)),
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert latest_checkpoint(run).name == f"ckpt-{step + 3:07d}"
+
+
+def test_kill_during_save_never_leaves_a_broken_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    rng = np.random.default_rng(0)
+    for attempt in range(3):
+        args = ["train", "--out", str(run), "--no-progress", "--set", "train.ckpt_every=1",
+                "--set", "train.max_steps=100000"]
+        if attempt == 0:
+            args += ["--preset", "tiny"]
+        else:
+            args += ["--resume"]
+        before = len(list_checkpoints(run))
+        proc = subprocess.Popen(_cli(*args), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        # wait for new checkpoints to appear, then SIGKILL at a random instant (usually mid-save)
+        assert _wait_for(lambda: latest_checkpoint(run) is not None and
+                         int(latest_checkpoint(run).name[5:]) >= 3 * (attempt + 1), timeout=90)
+        time.sleep(float(rng.uniform(0, 0.05)))
+        proc.kill()
+        proc.wait()
+        den, _ = load_model(run)  # the newest complete checkpoint always loads
+        assert all(torch.isfinite(p).all() for p in den.parameters())
+        for c in list_checkpoints(run):
+            load_tensors(c / "state.safetensors")
+    # resuming after a SIGKILL works and cleans stale temporary folders
+    res = subprocess.run(_cli("train", "--out", str(run), "--resume", "--no-progress", "--set",
+                              "train.ckpt_every=1", "--max-steps", str(int(latest_checkpoint(run).name[5:]) + 1)),
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert not list(run.glob("ckpt-*.tmp-*"))
+
+
+def test_trains_on_an_image_folder(tmp_path, tiny_config):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    tiny_config.data.kind = "folder"
+    tiny_config.data.path = str(folder)
+    tiny_config.data.conditioning = "none"
+    tiny_config.model.num_classes = None
+    tiny_config.train.max_steps = 3
+    res = train(tiny_config, tmp_path / "run", progress=False)
+    assert res.step == 3 and all(np.isfinite(res.losses))
+
+
+def test_missing_or_empty_data_folder_is_a_clear_cli_error(tmp_path):
+    for path, msg in ((tmp_path / "nope", "nope"), (tmp_path, "no usable images")):
+        res = subprocess.run(_cli("train", "--preset", "tiny", "--out", str(tmp_path / "r"), "--no-progress",
+                                  "--set", "data.kind=folder", "--set", f"data.path={path}"),
+                             capture_output=True, text=True, timeout=60)
+        assert res.returncode == 2 and "sumie: error:" in res.stderr and "Traceback" not in res.stderr

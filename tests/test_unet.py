@@ -1,0 +1,76 @@
+import pytest
+import torch
+
+from sumie.nn.unet import UNet, UNetConfig
+
+
+def tiny(**kw):
+    base = dict(model_channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(2,),
+                num_heads=2, norm_groups=8)
+    base.update(kw)
+    return UNetConfig(**base)
+
+
+def test_fresh_unet_outputs_zero_and_right_shape():
+    net = UNet(tiny(num_classes=5))
+    out = net(torch.randn(2, 3, 16, 16), torch.tensor([0.1, 2.0]), {"class_labels": torch.tensor([1, 4])})
+    assert out.shape == (2, 3, 16, 16)
+    assert out.abs().max() == 0  # zero-initialised output convolution
+
+
+def _randomise(net):
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    return net
+
+
+def test_conditioning_paths_change_the_output():
+    net = _randomise(UNet(tiny(num_classes=5)))
+    x, t = torch.randn(1, 3, 16, 16), torch.tensor([3.0])
+    a = net(x, t, {"class_labels": torch.tensor([0])})
+    b = net(x, t, {"class_labels": torch.tensor([1])})
+    null = net(x, t, {"class_labels": torch.tensor([-1])})
+    assert not torch.allclose(a, b) and not torch.allclose(a, null)
+    assert torch.allclose(null, net(x, t, None))  # no cond == the null class
+    assert not torch.allclose(a, net(x, torch.tensor([4.0]), {"class_labels": torch.tensor([0])}))
+
+    xnet = _randomise(UNet(tiny(context_dim=12)))
+    ctx = torch.randn(1, 7, 12)
+    c1 = xnet(x, t, {"context": ctx})
+    assert not torch.allclose(c1, xnet(x, t, {"context": ctx + 1}))
+    # masked-out context tokens have no influence
+    mask = torch.tensor([[True] * 4 + [False] * 3])
+    ctx2 = ctx.clone()
+    ctx2[:, 4:] = 100
+    assert torch.allclose(xnet(x, t, {"context": ctx, "context_mask": mask}),
+                          xnet(x, t, {"context": ctx2, "context_mask": mask}), atol=1e-5)
+    with pytest.raises(ValueError, match="context"):
+        xnet(x, t, None)
+
+
+def test_odd_sizes_and_batch_independence():
+    net = _randomise(UNet(tiny(channel_mult=(1, 2, 2))))
+    x = torch.randn(3, 3, 20, 12)
+    out = net(x, torch.tensor([1.0, 2.0, 3.0]))
+    assert out.shape == x.shape
+    single = net(x[1:2], torch.tensor([2.0]))
+    assert torch.allclose(out[1:2], single, atol=1e-5)
+
+
+@pytest.mark.parametrize("name,params", [("sd15", 859_520_964), ("sd21", 865_910_724), ("sdxl", 2_567_463_684)])
+def test_stable_diffusion_layouts_have_the_published_parameter_counts(name, params):
+    with torch.device("meta"):
+        net = UNet(getattr(UNetConfig, name)())
+    assert sum(p.numel() for p in net.parameters()) == params
+
+
+def test_sd15_key_names_follow_latent_diffusion():
+    with torch.device("meta"):
+        keys = set(UNet(UNetConfig.sd15()).state_dict())
+    for k in ("time_embed.0.weight", "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight",
+              "input_blocks.3.0.op.weight", "middle_block.1.proj_in.weight", "output_blocks.2.1.conv.weight",
+              "output_blocks.11.1.transformer_blocks.0.ff.net.0.proj.weight", "out.2.bias",
+              "input_blocks.4.0.skip_connection.weight", "input_blocks.1.0.emb_layers.1.weight"):
+        assert k in keys, k
