@@ -103,8 +103,8 @@ class RunConfig:
 def _shapes_model(**kw) -> UNetConfig:
     from .data.shapes import NUM_CLASSES
 
-    base = dict(in_channels=3, out_channels=3, model_channels=64, channel_mult=(1, 2, 2), num_res_blocks=1,
-                attention_resolutions=(4,), num_heads=4, num_classes=NUM_CLASSES, norm_groups=16)
+    base = dict(in_channels=3, out_channels=3, model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1,
+                attention_resolutions=(4,), num_heads=4, num_classes=NUM_CLASSES, norm_groups=8)
     base.update(kw)
     return UNetConfig(**base)
 

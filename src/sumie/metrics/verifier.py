@@ -70,7 +70,8 @@ class ShapesVerifier(nn.Module):
                 layers.append(_conv(c_in, width, 2 if (s > 0 and b == 0) else 1))
                 c_in = width
         self.features = nn.Sequential(*layers)
-        self.head = nn.Sequential(nn.Conv2d(c_in, c.head_width, 1), nn.SiLU(), nn.Conv2d(c.head_width, sum(HEAD_SPLITS), 1))
+        self.head = nn.Sequential(nn.Conv2d(c_in, c.head_width, 1), nn.SiLU(),
+                                  nn.Conv2d(c.head_width, sum(HEAD_SPLITS), 1))
 
     # -- tensors --------------------------------------------------------------
 
@@ -323,10 +324,12 @@ def evaluate(verifier: ShapesVerifier, n: int = 1000, seed: int = 10_000, degrad
     return res
 
 
-def train_verifier(out_path: str | Path | None, steps: int = 2000, batch_size: int = 128, seed: int = 0,
+def train_verifier(out_path: str | Path | None, steps: int = 1600, batch_size: int = 128, seed: int = 0,
                    resolution: int = 32, lr: float = 3e-3, time_budget_s: float | None = None,
                    eval_n: int = 1000, eval_seed: int = 10_000, log_every: int = 100) -> dict:
     """Train on procedural scenes (AdamW, linear warmup + cosine decay), evaluate on held-out ones, save fp16."""
+    if eval_seed == seed:
+        raise ValueError("eval_seed must differ from the training seed, or the evaluation is not held out")
     torch.manual_seed(seed)
     model = ShapesVerifier(VerifierConfig(resolution=resolution)).to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
@@ -372,7 +375,7 @@ def train_verifier(out_path: str | Path | None, steps: int = 2000, batch_size: i
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m sumie.metrics.verifier", description="train the shapes verifier")
     p.add_argument("--out", default=str(DEFAULT_WEIGHTS), help="weights file to write (fp16 safetensors)")
-    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--steps", type=int, default=1600)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--minutes", type=float, default=None, help="stop training after this many minutes")
