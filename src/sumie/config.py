@@ -54,6 +54,8 @@ class TrainConfig:
     weight_decay: float = 0.0
     adam_betas: tuple[float, float] = (0.9, 0.99)
     warmup_steps: int = 200
+    lr_schedule: str = "constant"  # constant | cosine (decays over max_steps or time_budget_s)
+    lr_min_ratio: float = 0.1
     max_steps: int = 10_000
     time_budget_s: float | None = None  # stop after this many seconds of training, if set
     grad_clip: float = 1.0
@@ -103,8 +105,8 @@ class RunConfig:
 def _shapes_model(**kw) -> UNetConfig:
     from .data.shapes import NUM_CLASSES
 
-    base = dict(in_channels=3, out_channels=3, model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1,
-                attention_resolutions=(4,), num_heads=4, num_classes=NUM_CLASSES, norm_groups=8)
+    base = dict(in_channels=3, out_channels=3, model_channels=48, channel_mult=(1, 2, 2), num_res_blocks=1,
+                attention_resolutions=(4,), num_heads=4, num_classes=NUM_CLASSES, norm_groups=8, patch_size=2)
     base.update(kw)
     return UNetConfig(**base)
 
@@ -113,13 +115,13 @@ def _preset_shapes32() -> RunConfig:
     """Class-conditional (shape x colour) pixel model at 32x32, sized for 10 minutes on 2 CPU cores."""
     return RunConfig(model=_shapes_model(), data=DataConfig(kind="shapes", resolution=32),
                      train=TrainConfig(batch_size=64, lr=2e-3, max_steps=4000, warmup_steps=100,
-                                       ckpt_every=500, sample_every=1000, ema_decay=0.998))
+                                       lr_schedule="cosine", ckpt_every=500, sample_every=1000, ema_decay=0.998))
 
 
 def _preset_tiny() -> RunConfig:
     """A few-second model for tests and smoke runs."""
     return RunConfig(model=_shapes_model(model_channels=16, channel_mult=(1, 2), attention_resolutions=(2,),
-                                         norm_groups=8, num_heads=2),
+                                         norm_groups=8, num_heads=2, patch_size=1),
                      data=DataConfig(kind="shapes", resolution=16),
                      train=TrainConfig(batch_size=16, lr=2e-3, max_steps=40, warmup_steps=5, ckpt_every=20,
                                        sample_every=0, sample_n=4, log_every=10, ema_decay=0.9),

@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .layers import Downsample, ResBlock, SpatialTransformer, Upsample, group_norm, timestep_embedding, zero_module
@@ -44,6 +45,10 @@ class UNetConfig:
     norm_groups: int = 32
     resblock_scale_shift: bool = False
     middle_attention: bool = True
+    # > 1: fold p x p pixel patches into channels before the first convolution and unfold after
+    # the last (pixel unshuffle, Shi et al. 2016), so the network runs at 1/p resolution: the cheap
+    # stem of Hoogeboom et al. 2023 ("simple diffusion") for small CPU models. 1 for SD layouts.
+    patch_size: int = 1
 
     def __post_init__(self):
         self.channel_mult = tuple(self.channel_mult)
@@ -126,7 +131,8 @@ class UNet(nn.Module):
         def resblock(cin: int, cout: int) -> ResBlock:
             return ResBlock(cin, emb_dim, cout, c.dropout, c.norm_groups, c.resblock_scale_shift)
 
-        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(c.in_channels, ch, 3, padding=1))])
+        p2 = c.patch_size**2
+        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(c.in_channels * p2, ch, 3, padding=1))])
         skip_chans = [ch]
         ds = 1
         for level, mult in enumerate(c.channel_mult):
@@ -161,11 +167,12 @@ class UNet(nn.Module):
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
 
         self.out = nn.Sequential(group_norm(ch, c.norm_groups), nn.SiLU(),
-                                 zero_module(nn.Conv2d(ch, c.out_channels, 3, padding=1)))
+                                 zero_module(nn.Conv2d(ch, c.out_channels * p2, 3, padding=1)))
 
     @property
     def downsampling_factor(self) -> int:
-        return 2 ** (len(self.config.channel_mult) - 1)
+        """Input sizes that are multiples of this avoid padding/cropping inside the network."""
+        return self.config.patch_size * 2 ** (len(self.config.channel_mult) - 1)
 
     def forward(self, x: torch.Tensor, c_noise: torch.Tensor, cond: dict | None = None) -> torch.Tensor:
         cond = cond or {}
@@ -192,6 +199,11 @@ class UNet(nn.Module):
         if context is not None:
             context = context.to(x.dtype)
 
+        p = c.patch_size
+        if p > 1:
+            if x.shape[-1] % p or x.shape[-2] % p:
+                raise ValueError(f"image size {tuple(x.shape[-2:])} is not a multiple of the patch size {p}")
+            x = F.pixel_unshuffle(x, p)  # (B, C*p*p, H/p, W/p)
         h = x
         skips = []
         for block in self.input_blocks:
@@ -203,4 +215,5 @@ class UNet(nn.Module):
             if h.shape[-2:] != skip.shape[-2:]:  # odd sizes: crop the upsampled map
                 h = h[..., : skip.shape[-2], : skip.shape[-1]]
             h = block(torch.cat([h, skip], dim=1), emb, context, mask)
-        return self.out(h)
+        h = self.out(h)
+        return F.pixel_shuffle(h, p) if p > 1 else h

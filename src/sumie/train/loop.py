@@ -160,6 +160,8 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.progress = progress
         t = config.train
+        if t.lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"unknown lr_schedule {t.lr_schedule!r}; valid: constant, cosine")
         if t.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise ValueError(f"unknown precision {t.precision!r}; valid: auto, fp32, bf16, fp16")
         if t.grad_accum < 1 or t.batch_size < 1:
@@ -222,9 +224,22 @@ class Trainer:
         return path
 
     # -- one step ------------------------------------------------------------
-    def lr_at(self, step: int) -> float:
+    def progress_fraction(self, step: int) -> float:
+        """How far the run is, in [0, 1]: by steps, or by the time budget if that comes first."""
         t = self.config.train
-        return t.lr * min(1.0, (step + 1) / max(1, t.warmup_steps))
+        frac = step / max(1, t.max_steps)
+        if t.time_budget_s:
+            frac = max(frac, self.elapsed / t.time_budget_s)
+        return min(1.0, frac)
+
+    def lr_at(self, step: int) -> float:
+        """Linear warmup, then constant or cosine decay to ``lr_min_ratio * lr`` (Loshchilov & Hutter 2017)."""
+        t = self.config.train
+        lr = t.lr * min(1.0, (step + 1) / max(1, t.warmup_steps))
+        if t.lr_schedule == "cosine":
+            decay = 0.5 * (1 + math.cos(math.pi * self.progress_fraction(step)))
+            lr *= t.lr_min_ratio + (1 - t.lr_min_ratio) * decay
+        return lr
 
     def get_batch(self, step: int, micro: int) -> dict:
         t = self.config.train
