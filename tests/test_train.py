@@ -148,3 +148,15 @@ def test_missing_or_empty_data_folder_is_a_clear_cli_error(tmp_path):
                                   "--set", "data.kind=folder", "--set", f"data.path={path}"),
                              capture_output=True, text=True, timeout=60)
         assert res.returncode == 2 and "sumie: error:" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_bf16_autocast_and_gradient_accumulation_paths(tiny_config, tmp_path):
+    tiny_config.train.precision = "bf16"
+    tiny_config.train.grad_accum = 2
+    tiny_config.train.batch_size = 4
+    tiny_config.train.max_steps = 2
+    res = train(tiny_config, tmp_path / "run", progress=False)
+    assert res.step == 2 and all(np.isfinite(res.losses))
+    tiny_config.train.precision = "fp64"
+    with pytest.raises(ValueError, match="valid: auto, fp32, bf16, fp16"):
+        Trainer(tiny_config, tmp_path / "bad", progress=False)

@@ -330,7 +330,10 @@ class Trainer:
                 ips = imgs / max(t_run, 1e-9)
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{ips:.1f}")
+                    post = {"loss": f"{loss:.4f}", "img_s": f"{ips:.1f}"}
+                    if t.time_budget_s:  # the bar's own ETA assumes max_steps; the budget may end sooner
+                        post["budget_left"] = f"{max(0.0, t.time_budget_s - self.elapsed):.0f}s"
+                    bar.set_postfix(post)
                 if self.step % t.log_every == 0 or self.step == max_steps:
                     log.write(json.dumps({"step": self.step, "loss": loss, "lr": self.lr_at(self.step - 1),
                                           "images_per_s": ips, "elapsed_s": self.elapsed}) + "\n")
