@@ -1,0 +1,92 @@
+"""One interface for tokenizers and text encoders.
+
+A text encoder turns a batch of prompts into what a denoiser cross-attends to and what
+its vector conditioning needs:
+
+    encoder.encode(prompts) -> TextEncoderOutput(hidden (B, L, D), pooled (B, P), attention_mask (B, L))
+
+``hidden`` is the token sequence (the U-Net's ``cond["context"]``), ``pooled`` one vector per
+prompt (SDXL's ``y``, or a class-like embedding), ``attention_mask`` 1 where a position
+holds a real token (start/end tokens included) and 0 where it holds padding. Encoders
+with a causal mask (CLIP) leave padding unmasked in their own attention, as Stable
+Diffusion was trained; the mask is there for encoders and denoisers that want it.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class TokenizedBatch:
+    """Token ids (B, L) and their attention mask (B, L), 1 on real tokens."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+
+
+@dataclass
+class TextEncoderOutput:
+    """hidden (B, L, D) token embeddings, pooled (B, P), attention_mask (B, L)."""
+
+    hidden: torch.Tensor
+    pooled: torch.Tensor
+    attention_mask: torch.Tensor
+
+    def __post_init__(self):
+        b, n = self.hidden.shape[:2]
+        if self.hidden.ndim != 3 or self.pooled.ndim != 2 or self.pooled.shape[0] != b \
+                or tuple(self.attention_mask.shape) != (b, n):
+            raise ValueError(f"inconsistent text-encoder output: hidden {tuple(self.hidden.shape)}, "
+                             f"pooled {tuple(self.pooled.shape)}, mask {tuple(self.attention_mask.shape)}")
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "TextEncoderOutput":
+        return TextEncoderOutput(self.hidden.to(device, dtype), self.pooled.to(device, dtype),
+                                 self.attention_mask.to(device))
+
+    def as_cond(self) -> dict[str, torch.Tensor]:
+        """The U-Net's conditioning dict entries: ``context`` and ``context_mask``."""
+        return {"context": self.hidden, "context_mask": self.attention_mask}
+
+
+class Tokenizer(ABC):
+    """Text -> token ids. ``encode_text`` gives the bare ids of one string; calling the
+    tokenizer gives padded windows ``[BOS] ids [EOS] pad...`` of ``model_max_length``."""
+
+    bos_token_id: int
+    eos_token_id: int
+    pad_token_id: int
+    model_max_length: int
+
+    @abstractmethod
+    def encode_text(self, text: str) -> list[int]:
+        """Ids of ``text`` without special tokens, truncation or padding."""
+
+    @abstractmethod
+    def __call__(self, prompts: list[str], max_length: int | None = None, truncation: bool = True) -> TokenizedBatch:
+        """A batch of single-window encodings."""
+
+    @property
+    def chunk_length(self) -> int:
+        """Prompt tokens per window once the start and end tokens are in (75 for CLIP)."""
+        return self.model_max_length - 2
+
+
+class TextEncoder(ABC):
+    """Prompts -> :class:`TextEncoderOutput`; ``width`` is D, ``pooled_width`` is P."""
+
+    width: int
+    pooled_width: int
+
+    @abstractmethod
+    def encode(self, prompts: list[str]) -> TextEncoderOutput:
+        """Encode a batch of prompts."""
+
+    def check_context_width(self, context_dim: int | None, what: str = "the U-Net") -> None:
+        """A clear error when this encoder's token width is not what the denoiser cross-attends to."""
+        if context_dim is not None and context_dim != self.width:
+            raise ValueError(f"text encoder produces tokens of width {self.width}, but {what} cross-attends to "
+                             f"width {context_dim} (context_dim); the text encoder does not belong to this model")
