@@ -270,3 +270,27 @@ def test_bad_token_ids_and_tokenizer(tokenizer, tiny_sd):
 def test_unknown_family():
     with pytest.raises(ValueError, match="no text conditioning known"):
         SDTextConditioner("flux", [])
+
+
+def test_diffusers_folder_conditioner_negative_prompts_and_unet(tokenizer, tmp_path):
+    """An SD 1.x diffusers layout end to end: cond/uncond of equal length feed a tiny U-Net."""
+    from sumie.nn.unet import UNet, UNetConfig
+
+    ref = hf_model(hf_config(tokenizer, width=64, heads=4), projection=False)
+    ref.save_pretrained(tmp_path / "text_encoder")
+    (tmp_path / "tokenizer").mkdir()
+    (tmp_path / "tokenizer" / "vocab.json").write_text(json.dumps(tokenizer.vocab), encoding="utf-8")
+    merges = sorted(tokenizer.ranks, key=tokenizer.ranks.get)
+    (tmp_path / "tokenizer" / "merges.txt").write_text("#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in merges))
+    cond = SDTextConditioner.from_diffusers("sd1", tmp_path)
+    c, u = cond.encode_pair(["cat " * 100, "a dog"], ["", "blurry"])
+    assert c.hidden.shape == u.hidden.shape == (2, 154, 64)
+    ids = tokenizer(["a dog"]).input_ids
+    with torch.no_grad():
+        assert rel_err(c.hidden[1:, :77], ref(ids).last_hidden_state) < RTOL
+    unet = UNet(UNetConfig(in_channels=4, out_channels=4, model_channels=16, channel_mult=(1, 2), num_res_blocks=1,
+                           attention_resolutions=(2,), num_heads=2, context_dim=cond.width, norm_groups=8))
+    cond.check_unet(unet.config.context_dim, unet.config.adm_in_channels)
+    x = torch.randn(2, 4, 8, 8)
+    with torch.no_grad():
+        assert unet(x, torch.ones(2), cond.unet_cond(c)).shape == x.shape

@@ -128,3 +128,15 @@ def test_apply_weights_keeps_the_mean():
     assert torch.allclose(out.mean(dim=(1, 2)), z.mean(dim=(1, 2)), atol=1e-6)
     ratio = (out[0, 4] / z[0, 4]) / (out[0, 20] / z[0, 20])
     assert torch.allclose(ratio, torch.full_like(ratio, 1.4), atol=1e-4)
+
+
+def test_text_encoder_output_contract():
+    from sumie.text.base import TextEncoderOutput
+
+    out = TextEncoderOutput(torch.zeros(2, 77, 8), torch.zeros(2, 4), torch.ones(2, 77, dtype=torch.long))
+    assert set(out.as_cond()) == {"context", "context_mask"}
+    assert out.to(dtype=torch.float16).hidden.dtype == torch.float16
+    with pytest.raises(ValueError, match="inconsistent"):
+        TextEncoderOutput(torch.zeros(2, 77, 8), torch.zeros(3, 4), torch.ones(2, 77))
+    with pytest.raises(ValueError, match="inconsistent"):
+        TextEncoderOutput(torch.zeros(2, 77, 8), torch.zeros(2, 4), torch.ones(2, 76))
