@@ -1,0 +1,178 @@
+"""Lazy views of weight files: shapes without reading data, tensors read on demand.
+
+A :class:`TensorRef` holds a tensor's shape and a function that produces it; key remapping
+and layout changes compose functions, so detecting a model family or converting between
+layouts never holds two copies of a multi-gigabyte checkpoint. Safetensors files are
+memory-mapped (``safe_open``); pickled ``.ckpt`` files are read only on request, through
+PyTorch's weights-only unpickler, which admits tensors, storages and plain containers and
+refuses every other global (so a pickle cannot run code on load).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from ..checkpoint import PICKLE_SUFFIXES, CheckpointError, save_tensors
+
+@dataclass(frozen=True)
+class TensorRef:
+    """A tensor not yet read: its shape and a thunk that produces it."""
+
+    shape: tuple[int, ...]
+    load: Callable[[], torch.Tensor]
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor], shape: tuple[int, ...]) -> "TensorRef":
+        """A new reference whose tensor is ``fn`` of this one (of the given shape)."""
+        load = self.load
+        return TensorRef(tuple(shape), lambda: fn(load()))
+
+    @staticmethod
+    def of(t: torch.Tensor) -> "TensorRef":
+        return TensorRef(tuple(t.shape), lambda: t)
+
+
+Weights = dict[str, TensorRef]
+
+
+def materialize(weights: Weights, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """Read every tensor (optionally cast floating ones to ``dtype``), checking each shape."""
+    out = {}
+    for k, ref in weights.items():
+        t = ref.load()
+        if tuple(t.shape) != ref.shape:
+            raise CheckpointError(f"tensor {k} has shape {tuple(t.shape)}, expected {ref.shape}")
+        out[k] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+    return out
+
+
+def from_tensors(tensors: dict[str, torch.Tensor]) -> Weights:
+    return {k: TensorRef.of(v) for k, v in tensors.items()}
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def open_safetensors(path: str | Path) -> tuple[Weights, dict[str, str]]:
+    """Memory-map a safetensors file: (lazy weights, metadata). Truncated or corrupt files
+    raise :class:`CheckpointError` naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"weights file not found: {path}")
+    try:
+        f = safe_open(str(path), framework="pt", device="cpu")
+        meta = f.metadata() or {}
+        weights = {}
+        for k in f.keys():
+            sl = f.get_slice(k)
+            weights[k] = TensorRef(tuple(sl.get_shape()), (lambda f=f, k=k: f.get_tensor(k)))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({e}); it may be truncated or "
+                              "corrupt: download or export it again.") from e
+    _check_extent(path)
+    return weights, meta
+
+
+def _check_extent(path: Path) -> None:
+    """The data section must end exactly at the end of the file (a cut-off download does not)."""
+    with open(path, "rb") as fh:
+        n = int.from_bytes(fh.read(8), "little")
+        header = json.loads(fh.read(n))
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    size = os.path.getsize(path)
+    if 8 + n + end > size:
+        raise CheckpointError(f"{path} is truncated: its header describes {8 + n + end} bytes but the file has "
+                              f"{size}; download or export it again.")
+
+
+def open_sharded(index_path: str | Path) -> Weights:
+    """Weights split over several safetensors files listed by a ``*.safetensors.index.json``."""
+    index_path = Path(index_path)
+    try:
+        weight_map = json.loads(index_path.read_text())["weight_map"]
+    except (OSError, json.JSONDecodeError, KeyError) as e:
+        raise CheckpointError(f"{index_path} is not a valid shard index ({e})") from e
+    shards: dict[str, Weights] = {}
+    out: Weights = {}
+    for key, shard in weight_map.items():
+        if shard not in shards:
+            shards[shard] = open_safetensors(index_path.parent / shard)[0]
+        if key not in shards[shard]:
+            raise CheckpointError(f"{index_path} places {key} in {shard}, which does not hold it")
+        out[key] = shards[shard][key]
+    return out
+
+
+class _Inert:
+    """Stands in for harmless bookkeeping objects that training frameworks pickle next to
+    the weights (a Lightning ``ModelCheckpoint`` callback): it accepts state and does nothing."""
+
+    def __setstate__(self, state):
+        self.state = state
+
+
+def _inert_call(*args, **kwargs):
+    return None
+
+
+# Globals admitted beyond torch's weights-only set: (stand-in, the name the pickle uses).
+# Each maps to an object with no behaviour, so admitting the name cannot execute anything.
+_INERT_GLOBALS = [
+    (_Inert, "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint"),
+    (_inert_call, "numpy.core.multiarray.scalar"),
+    (_inert_call, "numpy._core.multiarray.scalar"),
+    (_inert_call, "numpy.dtype"),
+]
+
+
+def load_pickle(path: str | Path, *, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """Tensors of a ``.ckpt``/``.pt`` pickle through the restricted (weights-only) unpickler;
+    refused unless ``allow_pickle``. Lightning's ``{"state_dict": ...}`` wrapper is unwrapped."""
+    path = Path(path)
+    if not allow_pickle:
+        raise CheckpointError(
+            f"{path} is a pickle; unpickling can run arbitrary code, so sumie refuses it by default. If you trust "
+            "its source, pass allow_pickle=True (CLI: --allow-pickle); it is then read with a restricted "
+            "unpickler that admits only tensors and plain containers. Better: convert it once to .safetensors.")
+    try:
+        with torch.serialization.safe_globals(_INERT_GLOBALS):
+            try:
+                obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as e:
+                if "mmap" not in str(e):  # legacy (non-zip) pickles cannot be memory-mapped
+                    raise
+                obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # UnpicklingError for refused globals, RuntimeError/EOFError for damage
+        raise CheckpointError(f"{path} was refused by the restricted unpickler or is damaged: {e}") from e
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a state dict")
+    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+
+
+def open_weights(path: str | Path, *, allow_pickle: bool = False) -> tuple[Weights, dict[str, str]]:
+    """Any single weights file: safetensors (memory-mapped) or, with ``allow_pickle``, a pickle."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"weights file not found: {path}")
+    with open(path, "rb") as fh:
+        head = fh.read(9)
+    # safetensors: 8-byte little-endian header length, then the JSON header; its first byte can be 0x80
+    looks_safetensors = len(head) == 9 and head[8:9] == b"{"
+    if path.suffix.lower() in PICKLE_SUFFIXES or (not looks_safetensors and (head[:1] == b"\x80" or head[:2] == b"PK")):
+        return from_tensors(load_pickle(path, allow_pickle=allow_pickle)), {}
+    return open_safetensors(path)
+
+
+def write_safetensors(path: str | Path, weights: Weights, metadata: dict[str, str] | None = None,
+                      dtype: torch.dtype | None = None) -> None:
+    """Materialise lazy weights and write them atomically as one safetensors file."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    save_tensors(path, materialize(weights, dtype), metadata)
