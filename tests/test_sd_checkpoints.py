@@ -303,3 +303,22 @@ def test_unknown_family_name_and_layout_are_errors(tmp_path):
         family("sd3")
     with pytest.raises(ValueError, match="unknown target layout"):
         convert(tmp_path, tmp_path / "x", "onnx")
+
+
+def test_cli_convert(tmp_path, capsys):
+    from sumie.cli import main
+
+    ref_unet, ref_vae = _reference("sd2", seed=8)
+    src = _write_diffusers(tmp_path / "pipe", ref_unet, ref_vae, prediction="v_prediction")
+    assert main(["convert", str(src), str(tmp_path / "m.safetensors"), "--to", "single-file"]) == 0
+    out = capsys.readouterr().out
+    assert "sd2" in out and "v-prediction" in out
+    assert main(["convert", str(tmp_path / "m.safetensors"), str(tmp_path / "half"), "--to", "sumie", "--half",
+                 "--prediction", "v"]) == 0
+    sd = load_sd(tmp_path / "half")
+    assert sd.prediction == "v" and sd.unet["out.2.weight"].load().dtype == torch.float16
+    assert main(["convert", str(src), str(tmp_path / "half"), "--to", "diffusers"]) == 2
+    assert "exists" in capsys.readouterr().err
+    torch.save({"x": torch.zeros(1)}, tmp_path / "m.ckpt")
+    assert main(["convert", str(tmp_path / "m.ckpt"), str(tmp_path / "o.safetensors"), "--to", "single-file"]) == 2
+    assert "--allow-pickle" in capsys.readouterr().err

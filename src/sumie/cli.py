@@ -69,6 +69,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--minutes", type=float, default=5.0)
     p.add_argument("--no-progress", action="store_true")
+
+    p = sub.add_parser("convert", help="convert Stable Diffusion weights between single-file, diffusers and sumie layouts")
+    p.add_argument("src", help="single file (.safetensors; .ckpt with --allow-pickle), diffusers folder or sumie folder")
+    p.add_argument("dst", help="file (single-file) or new folder (diffusers, sumie) to write")
+    p.add_argument("--to", required=True, choices=["single-file", "diffusers", "sumie"])
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="read a pickled .ckpt/.bin through the restricted unpickler (tensors and containers only)")
+    p.add_argument("--prediction", choices=["eps", "v"], default=None,
+                   help="override the detected prediction target (SD 2.x 768 models are v)")
+    p.add_argument("--vae", default=None, help="replace the checkpoint's VAE with this file")
+    p.add_argument("--half", action="store_true", help="write floating-point tensors as float16")
     return ap
 
 
@@ -185,7 +196,21 @@ def cmd_demo(args) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "sample": cmd_sample, "explain": cmd_explain, "demo": cmd_demo}
+def cmd_convert(args) -> int:
+    import torch
+
+    from .io.sd import convert
+
+    sd = convert(args.src, args.dst, args.to, allow_pickle=args.allow_pickle, prediction=args.prediction,
+                 vae=args.vae, dtype=torch.float16 if args.half else None)
+    print(f"{sd.family.title} ({sd.family.name}, {sd.prediction}-prediction) -> {args.dst} [{args.to}]")
+    for note in sd.notes:
+        print(f"  {note}")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "sample": cmd_sample, "explain": cmd_explain, "demo": cmd_demo,
+            "convert": cmd_convert}
 
 
 def main(argv: list[str] | None = None) -> int:

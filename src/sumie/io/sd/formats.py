@@ -402,7 +402,7 @@ def convert(src: str | Path, dst: str | Path, to: str, *, allow_pickle: bool = F
         raise ValueError(f"unknown target layout {to!r}; choose from {', '.join(WRITERS)}")
     dst = Path(dst)
     if dst.exists() and (dst.is_file() or any(dst.iterdir())):
-        raise FileExistsError(f"{dst} exists; choose a new destination")
+        raise ValueError(f"{dst} exists; choose a new destination")
     sd = load_sd(src, allow_pickle=allow_pickle, prediction=prediction, vae=vae)
     WRITERS[to](sd, dst, dtype)
     return sd
