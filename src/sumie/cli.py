@@ -1,4 +1,4 @@
-"""The ``sumie`` command: train, sample, explain, demo.
+"""The ``sumie`` command: train, sample, explain, demo, convert, data.
 
 Errors a user can fix (bad config keys, missing folders, unreadable checkpoints, unknown
 sampler names) are printed as one line ``sumie: error: ...`` with exit status 2, not as
@@ -80,6 +80,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override the detected prediction target (SD 2.x 768 models are v)")
     p.add_argument("--vae", default=None, help="replace the checkpoint's VAE with this file")
     p.add_argument("--half", action="store_true", help="write floating-point tensors as float16")
+
+    p = sub.add_parser("data", help="build a captioned image folder (metadata.jsonl) to train on")
+    dsub = p.add_subparsers(dest="what", required=True)
+    d = dsub.add_parser("emoji", help="Noto Emoji and Twemoji 64 px artwork (fetched with npm, integrity checked)")
+    d.add_argument("out_dir", help="folder to create (written atomically)")
+    d.add_argument("--tarball", action="append", default=[], metavar="FILE",
+                   help="an emoji-datasource-<vendor> .tgz made by `npm pack` elsewhere (repeatable)")
+    d.add_argument("--vendors", default="google,twitter", help="comma-separated: google (Noto), twitter (Twemoji)")
+    d.add_argument("--skin-tones", action="store_true", help="also the five skin-tone variants of people emoji")
+    d.add_argument("--no-flags", action="store_true", help="leave out the flag emoji (270 of 1906)")
+    d.add_argument("--size", type=int, default=64, help="image side in pixels (8-64)")
+    d.add_argument("--cache-dir", default=None, help="where fetched tarballs are kept (default ~/.cache/sumie/npm)")
+    d.add_argument("--overwrite", action="store_true", help="replace out_dir if it exists")
+    d = dsub.add_parser("shapes", help="the procedural shapes data, exported as an image folder")
+    d.add_argument("out_dir", help="folder to create")
+    d.add_argument("--n", type=int, default=1000, help="number of images")
+    d.add_argument("--resolution", type=int, default=32)
+    d.add_argument("--background", default="plain", help="plain, textured or mixed")
+    d.add_argument("--max-objects", type=int, default=1)
+    d.add_argument("--seed", type=int, default=0)
     return ap
 
 
@@ -209,8 +229,43 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def cmd_data(args) -> int:
+    import json
+
+    if args.what == "emoji":
+        from .data.emoji import build
+
+        report = build(args.out_dir, vendors=[v.strip() for v in args.vendors.split(",") if v.strip()],
+                       tarballs=args.tarball, size=args.size, include_skin_tones=args.skin_tones,
+                       include_flags=not args.no_flags, cache_dir=args.cache_dir, overwrite=args.overwrite)
+        print(f"wrote {report.summary()}")
+        for what, skipped in (("corrupt", report.corrupt), ("missing", report.missing)):
+            if skipped:
+                print(f"  skipped {len(skipped)} {what} image(s), e.g. {skipped[0]}")
+        return 0
+    from .data.shapes import ShapesConfig, ShapesDataset
+    from .image import save_png, to_uint8
+
+    out = Path(args.out_dir)
+    if args.n < 1:
+        raise ValueError(f"--n must be >= 1, got {args.n}")
+    if out.exists():
+        raise ValueError(f"{out} already exists; choose a new folder")
+    ds = ShapesDataset(ShapesConfig(resolution=args.resolution, background=args.background,
+                                    max_objects=args.max_objects, seed=args.seed))
+    rows = []
+    for i in range(args.n):
+        item = ds[i]
+        name = f"images/{i:06d}.png"
+        save_png(out / name, to_uint8(item["x"]))
+        rows.append(json.dumps({"file_name": name, "text": item["caption"], "label": int(item["label"])}) + "\n")
+    (out / "metadata.jsonl").write_text("".join(rows), encoding="utf-8")
+    print(f"wrote {args.n} shapes images and metadata.jsonl to {out}")
+    return 0
+
+
 COMMANDS = {"train": cmd_train, "sample": cmd_sample, "explain": cmd_explain, "demo": cmd_demo,
-            "convert": cmd_convert}
+            "convert": cmd_convert, "data": cmd_data}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -36,19 +36,19 @@ def _verified(path: Path, resolution: int) -> bool:
     return True
 
 
-def _read_metadata(root: Path) -> dict[Path, str]:
-    """``metadata.jsonl`` files anywhere under root -> {absolute image path: caption}."""
-    captions: dict[Path, str] = {}
+def _read_metadata(root: Path) -> dict[Path, dict]:
+    """``metadata.jsonl`` files anywhere under root -> {absolute image path: its row}."""
+    rows: dict[Path, dict] = {}
     for meta in sorted(root.rglob(METADATA_FILE)):
         for n, line in enumerate(meta.read_text(encoding="utf-8").splitlines(), 1):
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
-                captions[(meta.parent / row["file_name"]).resolve()] = str(row.get("text", ""))
+                rows[(meta.parent / row["file_name"]).resolve()] = row
             except (json.JSONDecodeError, KeyError, TypeError) as e:
                 raise ValueError(f"{meta}:{n}: expected a JSON object with 'file_name' and 'text' ({e})") from e
-    return captions
+    return rows
 
 
 def load_rgb(path: str | Path) -> Image.Image:
@@ -78,10 +78,13 @@ def resize_crop(img: Image.Image, resolution: int, center: bool = True,
 
 
 class ImageFolderDataset(Dataset):
-    """Every PNG/JPEG/WebP image under ``root`` (recursively); items ``{"x", "label": -1, "caption"}``."""
+    """Every PNG/JPEG/WebP image under ``root`` (recursively); items ``{"x", "label": -1, "caption"}``.
+
+    With ``split`` (e.g. ``"train"``), only images whose ``metadata.jsonl`` row has that ``"split"`` value.
+    """
 
     def __init__(self, root: str | Path, resolution: int, random_flip: bool = True, center_crop: bool = True,
-                 seed: int = 0) -> None:
+                 seed: int = 0, split: str | None = None) -> None:
         self.root = Path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"image folder {str(self.root)!r} does not exist or is not a directory")
@@ -90,6 +93,14 @@ class ImageFolderDataset(Dataset):
         self.resolution, self.random_flip, self.center_crop, self.seed = resolution, random_flip, center_crop, seed
         self.epoch = 0
         candidates = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        meta = _read_metadata(self.root)
+        self.split = split
+        if split is not None:
+            n_all = len(candidates)
+            candidates = [p for p in candidates if meta.get(p.resolve(), {}).get("split") == split]
+            if not candidates:
+                raise ValueError(f"no images in {str(self.root)!r} have split {split!r} in {METADATA_FILE} "
+                                 f"(of {n_all} image(s))")
         ok = [_verified(p, resolution) for p in candidates]
         self.paths: list[Path] = [p for p, good in zip(candidates, ok) if good]
         bad = [p for p, good in zip(candidates, ok) if not good]
@@ -99,12 +110,11 @@ class ImageFolderDataset(Dataset):
         if not self.paths:
             raise ValueError(f"no usable images in {str(self.root)!r} (looked recursively for "
                              f"{', '.join(IMAGE_EXTENSIONS)}; found {len(candidates)} candidate(s))")
-        meta = _read_metadata(self.root)
         self.captions: list[str] = []
         for p in self.paths:
             txt = p.with_suffix(".txt")
             if p.resolve() in meta:
-                self.captions.append(meta[p.resolve()])
+                self.captions.append(str(meta[p.resolve()].get("text", "")))
             elif txt.is_file():
                 self.captions.append(txt.read_text(encoding="utf-8").strip())
             else:
