@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from sumie.diffusion.schedules import karras_sigmas
-from sumie.samplers import (SAMPLERS, SamplingCancelled, generators_for, get_sampler, randn, sample_ddim,
-                            sample_euler, sample_heun)
+from sumie.samplers import (SAMPLER_OPTIONS, SAMPLERS, STOCHASTIC, SamplingCancelled, generators_for, get_sampler,
+                            nfe_for_steps, randn, resolve_sampler_name, sample_ddim, sample_euler, sample_heun)
+from sumie.samplers.names import A1111_SAMPLERS, DIFFUSERS_SCHEDULERS
 
 MU, S = 0.3, 0.5  # 1-D Gaussian data N(MU, S^2)
 
@@ -89,7 +90,7 @@ def test_bad_sigmas_and_names():
         sample_euler(gaussian_denoiser, x, torch.tensor([1.0, 2.0, 0.0]))
     with pytest.raises(ValueError, match="steps >= 1"):
         sample_euler(gaussian_denoiser, x, torch.tensor([0.0]))
-    with pytest.raises(ValueError, match="valid: ddim, ddpm, euler"):
+    with pytest.raises(ValueError, match="valid: ddim, ddpm, deis, dpm_2, "):
         get_sampler("euler_b")
     with pytest.raises(ValueError, match="eta must be >= 0"):
         get_sampler("ddim")(gaussian_denoiser, x, karras_sigmas(3, 0.1, 1), eta=-1)
@@ -101,3 +102,124 @@ def test_nan_names_step_and_sigma():
 
     with pytest.raises(FloatingPointError, match=r"step \d+ \(sigma="):
         sample_euler(bad, torch.randn(1, 1, 2, 2), karras_sigmas(8, 0.01, 10.0))
+
+
+DETERMINISTIC = sorted(set(SAMPLERS) - STOCHASTIC)
+FIRST_ORDER = {"euler", "ddim"}
+
+
+@pytest.mark.parametrize("name", DETERMINISTIC)
+def test_every_deterministic_sampler_converges_at_its_order(name):
+    sigma_max = 20.0
+    x_T = torch.randn(32, 1, 2, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * sigma_max
+    exact = exact_flow(x_T, sigma_max)
+
+    def rms_error(steps):  # averaged over three step counts: single counts can cancel by luck
+        return sum(((get_sampler(name)(gaussian_denoiser, x_T, karras_sigmas(n, 0.002, sigma_max).double())
+                     - exact) ** 2).mean().sqrt().item() for n in steps) / 3
+
+    coarse, fine = rms_error((8, 10, 12)), rms_error((64, 80, 96))
+    # 8x the steps: a first-order method cuts the error ~8x, a second-order one ~64x
+    assert coarse / fine > (5 if name in FIRST_ORDER else 40), (coarse, fine)
+    assert fine < (0.03 if name in FIRST_ORDER else 1e-3)
+
+
+@pytest.mark.parametrize("name", sorted(STOCHASTIC - {"lcm"}))
+def test_every_stochastic_sampler_reaches_the_data_distribution(name):
+    sigma_max = 20.0
+    gens = generators_for(0, 3000)
+    x = randn((3000, 1), gens, dtype=torch.float64) * sigma_max
+    out = get_sampler(name)(gaussian_denoiser, x, karras_sigmas(150, 0.002, sigma_max).double(), generator=gens)
+    assert out.mean().item() == pytest.approx(MU, abs=0.04)
+    assert out.std().item() == pytest.approx(S, rel=0.05)
+
+
+def test_lcm_renoises_the_x0_estimate():
+    """LCM multistep: each step is x0 = D(x; sigma), then x0 + sigma_next * z (Luo et al. 2023 Alg. 3)."""
+    sig = torch.tensor([10.0, 3.0, 1.0, 0.0], dtype=torch.float64)
+    x = randn((2, 1, 2, 2), generators_for(3, 2), dtype=torch.float64) * 10
+    gens = generators_for(9, 2)
+    out = get_sampler("lcm")(gaussian_denoiser, x, sig, generator=gens)
+    ref_gens = generators_for(9, 2)
+    y = x
+    for i in range(3):
+        y = gaussian_denoiser(y, sig[i:i + 1].expand(2))
+        if sig[i + 1] > 0:
+            y = y + randn(y.shape, ref_gens, dtype=torch.float64) * sig[i + 1]
+    assert torch.allclose(out, y)
+
+
+@pytest.mark.parametrize("name", sorted(SAMPLERS))
+def test_nfe_and_callbacks_of_every_sampler(name):
+    calls, seen = [], []
+
+    def den(x, sigma, cond=None):
+        calls.append(float(sigma[0]))
+        return gaussian_denoiser(x, sigma)
+
+    sig = karras_sigmas(8, 0.01, 10.0).double()
+    gens = generators_for(0, 2)
+    get_sampler(name)(den, randn((2, 1, 2, 2), gens, dtype=torch.float64) * 10, sig, generator=gens,
+                      callback=seen.append)
+    if name != "restart":
+        assert len(calls) == nfe_for_steps(name, 8)
+        assert [s.i for s in seen] == list(range(8))
+        assert [s.sigma for s in seen] == pytest.approx(sig[:-1].tolist())
+    else:  # Heun steps plus a restart segment: more calls, step indices still increase by one
+        assert len(calls) > nfe_for_steps("heun", 8) and [s.i for s in seen] == list(range(len(seen)))
+    assert all(s.denoised.shape == (2, 1, 2, 2) and s.sigma_next < s.sigma for s in seen)
+
+
+@pytest.mark.parametrize("name", sorted(SAMPLERS))
+def test_every_sampler_can_be_cancelled_and_stops_on_nan(name):
+    def cancel(step):
+        if step.i == 2:
+            raise SamplingCancelled()
+
+    sig = karras_sigmas(6, 0.01, 10.0)
+    fn = get_sampler(name)
+    with pytest.raises(SamplingCancelled):
+        fn(gaussian_denoiser, torch.randn(1, 1, 2, 2) * 10, sig, callback=cancel, generator=generators_for(0, 1))
+
+    def bad(x, sigma, cond=None):
+        return torch.full_like(x, float("nan")) if sigma[0] < 1 else gaussian_denoiser(x, sigma)
+
+    with pytest.raises(FloatingPointError, match=r"at step \d+ \(sigma=0\.\d+"):
+        fn(bad, torch.randn(1, 1, 2, 2) * 10, sig, generator=generators_for(0, 1))
+
+
+@pytest.mark.parametrize("name", sorted(n for n, opts in SAMPLER_OPTIONS.items() if "eta" in opts))
+def test_negative_eta_is_refused(name):
+    with pytest.raises(ValueError, match="eta must be >= 0"):
+        get_sampler(name)(gaussian_denoiser, torch.randn(1, 1, 2, 2), karras_sigmas(3, 0.1, 1), eta=-0.5)
+
+
+def test_a1111_comfyui_and_diffusers_names():
+    assert resolve_sampler_name("DPM++ 2M Karras") == ("dpmpp_2m", "karras")
+    assert resolve_sampler_name("Euler a") == ("euler_ancestral", None)
+    assert resolve_sampler_name("DPM++ 2M SDE Exponential") == ("dpmpp_2m_sde", "exponential")
+    assert resolve_sampler_name("DPM++ SDE Karras") == ("dpmpp_sde", "karras")
+    assert resolve_sampler_name("dpm++ 3m sde  karras") == ("dpmpp_3m_sde", "karras")
+    assert resolve_sampler_name("DPM2 a Karras") == ("dpm_2_ancestral", "karras")
+    assert resolve_sampler_name("Euler SGM Uniform") == ("euler", "sgm_uniform")
+    assert resolve_sampler_name("UniPC") == ("uni_pc", None)
+    assert resolve_sampler_name("uni_pc_bh2") == ("uni_pc_bh2", None)
+    assert resolve_sampler_name("DPMSolverMultistepScheduler") == ("dpmpp_2m", None)
+    for name in list(A1111_SAMPLERS) + list(DIFFUSERS_SCHEDULERS):
+        assert resolve_sampler_name(name)[0] in SAMPLERS
+    assert get_sampler("DPM++ 2M") is SAMPLERS["dpmpp_2m"]
+    for bad in ("DPM++ 2M Karras Karras", "Euler b", "karras", ""):
+        with pytest.raises(ValueError, match="unknown sampler .*valid: ddim, ddpm"):
+            resolve_sampler_name(bad)
+
+
+def test_restart_jumps_back_up_and_solves_again():
+    sig = karras_sigmas(12, 0.01, 10.0).double()
+    levels = []
+    get_sampler("restart")(gaussian_denoiser, torch.randn(2, 1, 2, 2, dtype=torch.float64) * 10, sig,
+                           generator=generators_for(0, 2), callback=lambda s: levels.append(s.sigma))
+    ups = [i for i in range(1, len(levels)) if levels[i] > levels[i - 1]]
+    assert len(ups) == 1 and levels[ups[0]] == pytest.approx(sig[(sig[:-1] - 2.0).abs().argmin()].item())
+    assert len(levels) > 12
+    with pytest.raises(ValueError, match="restart"):
+        get_sampler("restart")(gaussian_denoiser, torch.randn(1, 1, 2, 2), sig, restart_min=3, restart_max=1)

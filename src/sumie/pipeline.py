@@ -6,7 +6,6 @@ argument; the sampler itself is a pure function from :mod:`sumie.samplers`.
 
 from __future__ import annotations
 
-import inspect
 from typing import Callable, Sequence
 
 import torch
@@ -14,7 +13,7 @@ import torch
 from .diffusion.guidance import CFGDenoiser
 from .diffusion.precond import Denoiser, DiscreteDenoiser
 from .diffusion.schedules import sampling_sigmas
-from .samplers import generators_for, get_sampler, randn
+from .samplers import SAMPLER_OPTIONS, SAMPLERS, generators_for, randn, resolve_sampler_name
 
 
 def class_cond(labels: Sequence[int] | torch.Tensor, device=None) -> dict:
@@ -29,17 +28,30 @@ def sigmas_for(denoiser: Denoiser, schedule: str, steps: int, rho: float = 7.0) 
                            discrete=discrete, rho=rho)
 
 
+def resolve_sampling(sampler: str, schedule: str | None = None, default_schedule: str = "karras") -> tuple[str, str]:
+    """(sampler, schedule) from a sumie, ComfyUI, A1111 ("DPM++ 2M Karras") or diffusers sampler name
+    and an optional explicit schedule; a schedule named both ways must agree."""
+    name, named = resolve_sampler_name(sampler)
+    if schedule is not None and named is not None and schedule != named:
+        raise ValueError(f"sampler {sampler!r} already names the {named!r} schedule; got schedule {schedule!r}")
+    return name, schedule or named or default_schedule
+
+
 @torch.no_grad()
 def sample(denoiser: Denoiser, shape: Sequence[int], n: int, *, cond: dict | None = None,
-           uncond: dict | None = None, sampler: str = "heun", schedule: str = "karras", steps: int = 30,
-           rho: float = 7.0, eta: float | None = None, guidance_scale: float = 1.0, seed: int = 0,
+           uncond: dict | None = None, sampler: str = "heun", schedule: str | None = None, steps: int = 30,
+           rho: float = 7.0, eta: float | None = None, guidance_scale: float = 1.0, guidance_rescale: float = 0.0,
+           guidance_interval: tuple[float, float] | None = None, seed: int = 0,
            callback: Callable | None = None, sigmas: torch.Tensor | None = None,
            device: torch.device | str | None = None) -> torch.Tensor:
     """Draw ``n`` samples of ``shape`` (C, H, W); sample i is seeded with ``seed + i``.
 
-    Returns the final x (sigma = 0) in the model's data space, (n, C, H, W) float32.
+    ``sampler`` may be any name :func:`resolve_sampling` accepts; ``schedule`` defaults to the
+    one the sampler name carries, else karras. Returns the final x (sigma = 0) in the model's
+    data space, (n, C, H, W) float32.
     """
-    fn = get_sampler(sampler)
+    sampler, schedule = resolve_sampling(sampler, schedule)
+    fn = SAMPLERS[sampler]
     if device is None:
         device = next(denoiser.parameters()).device
     if sigmas is None:
@@ -47,14 +59,15 @@ def sample(denoiser: Denoiser, shape: Sequence[int], n: int, *, cond: dict | Non
     sigmas = sigmas.to(device=device, dtype=torch.float32)
     kwargs = {}
     if eta is not None:
-        if "eta" not in inspect.signature(fn).parameters:
-            raise ValueError(f"sampler {sampler!r} takes no eta (samplers with eta: ddim, euler_ancestral)")
+        if "eta" not in SAMPLER_OPTIONS[sampler]:
+            with_eta = ", ".join(k for k, v in SAMPLER_OPTIONS.items() if "eta" in v)
+            raise ValueError(f"sampler {sampler!r} takes no eta (samplers with eta: {with_eta})")
         kwargs["eta"] = eta
     gens = generators_for(seed, n)
     x = randn((n, *shape), gens, device=device) * sigmas[0]
     model = denoiser
-    if guidance_scale != 1.0:
+    if guidance_scale != 1.0 or guidance_rescale or guidance_interval is not None:
         if uncond is None:
             raise ValueError("classifier-free guidance needs an unconditional input (uncond)")
-        model = CFGDenoiser(denoiser, uncond, guidance_scale)
+        model = CFGDenoiser(denoiser, uncond, guidance_scale, guidance_rescale, guidance_interval)
     return fn(model, x, sigmas, cond=cond, callback=callback, generator=gens, **kwargs)

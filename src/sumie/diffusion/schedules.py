@@ -249,7 +249,118 @@ def exponential_sigmas(n: int, sigma_min: float, sigma_max: float) -> torch.Tens
     return append_zero(torch.linspace(math.log(sigma_max), math.log(sigma_min), n, dtype=torch.float64).exp())
 
 
-SAMPLING_SCHEDULES = ("karras", "exponential", "leading", "linspace", "trailing")
+def polyexponential_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float = 1.0) -> torch.Tensor:
+    """n noise levels with log-sigma following a ramp**rho, plus a final 0 (k-diffusion
+    ``get_sigmas_polyexponential``); rho = 1 is :func:`exponential_sigmas`."""
+    if n < 1:
+        raise ValueError(f"steps must be >= 1, got {n}")
+    ramp = torch.linspace(1, 0, n, dtype=torch.float64) ** rho
+    return append_zero((ramp * (math.log(sigma_max) - math.log(sigma_min)) + math.log(sigma_min)).exp())
+
+
+def _model_table(discrete: DiscreteSchedule | None, sigma_min: float, sigma_max: float) -> DiscreteSchedule:
+    """The model's own sigma table; for continuous models 1000 levels evenly spaced in log-sigma
+    (as ComfyUI's ``ModelSamplingContinuousEDM.sigmas``)."""
+    if discrete is not None:
+        return discrete
+    return DiscreteSchedule(torch.linspace(math.log(sigma_min), math.log(sigma_max), 1000, dtype=torch.float64).exp())
+
+
+def simple_sigmas(table: DiscreteSchedule, n: int) -> torch.Tensor:
+    """ComfyUI's "simple" schedule: every (T/n)-th entry of the model's sigma table from the top."""
+    if n < 1:
+        raise ValueError(f"steps must be >= 1, got {n}")
+    T = table.num_steps
+    if n > T:
+        raise ValueError(f"steps ({n}) cannot exceed the model's {T} noise levels")
+    idx = [T - 1 - int(k * T / n) for k in range(n)]
+    return append_zero(table.sigmas[idx])
+
+
+def sgm_uniform_sigmas(table: DiscreteSchedule, n: int) -> torch.Tensor:
+    """"sgm_uniform" (Stability's sgm / ComfyUI ``normal_scheduler(sgm=True)``): n continuous
+    timesteps evenly spaced from the top, the last one short of t = 0, mapped to sigma."""
+    if n < 1:
+        raise ValueError(f"steps must be >= 1, got {n}")
+    t_max = float(table.sigma_to_t(torch.tensor(table.sigma_max, dtype=torch.float64)))
+    t_min = float(table.sigma_to_t(torch.tensor(table.sigma_min, dtype=torch.float64)))
+    ts = torch.linspace(t_max, t_min, n + 1, dtype=torch.float64)[:-1]
+    return append_zero(table.t_to_sigma(ts))
+
+
+def _betainc(a: float, b: float, x: float) -> float:
+    """Regularised incomplete beta I_x(a, b) by Lentz's continued fraction (Numerical Recipes 6.4)."""
+    if x <= 0:
+        return 0.0
+    if x >= 1:
+        return 1.0
+    if x > (a + 1) / (a + b + 2):
+        return 1.0 - _betainc(b, a, 1 - x)
+    log_front = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
+    tiny = 1e-300
+    c, d = 1.0, 1.0 - (a + b) * x / (a + 1)
+    d = 1 / (d if abs(d) > tiny else tiny)
+    f = d
+    for m in range(1, 500):
+        for num in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+                    -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
+            d = 1 + num * d
+            d = 1 / (d if abs(d) > tiny else tiny)
+            c = 1 + num / c
+            c = c if abs(c) > tiny else tiny
+            f *= c * d
+        if abs(c * d - 1) < 1e-15:
+            break
+    return math.exp(log_front) * f / a
+
+
+def beta_ppf(q: float, a: float, b: float) -> float:
+    """Quantile of the Beta(a, b) distribution, by bisection on :func:`_betainc`."""
+    lo, hi = 0.0, 1.0
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        if _betainc(a, b, mid) < q:
+            lo = mid
+        else:
+            hi = mid
+    return (lo + hi) / 2
+
+
+def beta_sigmas(table: DiscreteSchedule, n: int, alpha: float = 0.6, beta: float = 0.6) -> torch.Tensor:
+    """Beta schedule, Lee et al. 2024 ("Beta Sampling is All You Need"), as ComfyUI's
+    ``beta_scheduler``: timesteps at the Beta(alpha, beta) quantiles 1 - k/n of the model's
+    table, rounded, repeated timesteps dropped (so it may return fewer than n steps)."""
+    if n < 1:
+        raise ValueError(f"steps must be >= 1, got {n}")
+    T = table.num_steps - 1
+    ts = [round(beta_ppf(1 - k / n, alpha, beta) * T) for k in range(n)]
+    idx = [t for k, t in enumerate(ts) if k == 0 or t != ts[k - 1]]
+    return append_zero(table.sigmas[idx])
+
+
+# Few-step schedule fitted on the Gaussian-mixture accuracy benchmark
+# (sumie.metrics.sampler_accuracy.fit_schedule), in the spirit of Sabour et al. 2024,
+# "Align Your Steps": fractions of log(sigma_max / sigma_min) above sigma_min for 10 steps.
+AYS_GMM_10 = (1.0, 0.88488, 0.74161, 0.60973, 0.5427, 0.43604, 0.33299, 0.20548, 0.14998, 0.0)
+
+
+def fitted_sigmas(n: int, sigma_min: float, sigma_max: float, fractions=None) -> torch.Tensor:
+    """A schedule given as fractions u_k in [0, 1] of log-sigma (1 = sigma_max, 0 = sigma_min) at
+    some number of steps, resampled to n steps by linear interpolation in the step index
+    (Align Your Steps' ``loglinear_interp``), plus a final 0."""
+    if n < 1:
+        raise ValueError(f"steps must be >= 1, got {n}")
+    u = torch.as_tensor(AYS_GMM_10 if fractions is None else fractions, dtype=torch.float64)
+    pos = torch.linspace(0, len(u) - 1, n, dtype=torch.float64)
+    lo = pos.floor().long().clamp(max=len(u) - 2)
+    w = pos - lo
+    un = (1 - w) * u[lo] + w * u[lo + 1]
+    log_min, log_max = math.log(sigma_min), math.log(sigma_max)
+    return append_zero((log_min + un * (log_max - log_min)).exp())
+
+
+SAMPLING_SCHEDULES = ("karras", "exponential", "polyexponential", "simple", "sgm_uniform", "beta", "ays_gmm",
+                      "leading", "linspace", "trailing")
 
 
 def sampling_sigmas(name: str, steps: int, *, sigma_min: float, sigma_max: float,
@@ -257,7 +368,10 @@ def sampling_sigmas(name: str, steps: int, *, sigma_min: float, sigma_max: float
     """The sampling discretisation called ``name``: a decreasing float64 tensor of steps+1 sigmas ending in 0.
 
     ``leading``/``linspace``/``trailing`` pick the model's own discrete timesteps and need
-    a discrete schedule; the others are continuous in [sigma_min, sigma_max].
+    a discrete schedule; ``simple``, ``sgm_uniform`` and ``beta`` use the model's sigma table
+    (a log-uniform table of 1000 levels for continuous models); the others are continuous in
+    [sigma_min, sigma_max]. ``rho`` is Karras' rho for ``karras`` and the ramp exponent of
+    ``polyexponential`` (where 7 would be extreme; it uses rho = 1 unless rho != 7 is given).
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
@@ -265,6 +379,13 @@ def sampling_sigmas(name: str, steps: int, *, sigma_min: float, sigma_max: float
         return karras_sigmas(steps, sigma_min, sigma_max, rho)
     if name == "exponential":
         return exponential_sigmas(steps, sigma_min, sigma_max)
+    if name == "polyexponential":
+        return polyexponential_sigmas(steps, sigma_min, sigma_max, 1.0 if rho == 7.0 else rho)
+    if name == "ays_gmm":
+        return fitted_sigmas(steps, sigma_min, sigma_max)
+    if name in ("simple", "sgm_uniform", "beta"):
+        table = _model_table(discrete, sigma_min, sigma_max)
+        return {"simple": simple_sigmas, "sgm_uniform": sgm_uniform_sigmas, "beta": beta_sigmas}[name](table, steps)
     if name in ("leading", "linspace", "trailing"):
         if discrete is None:
             raise ValueError(f"schedule {name!r} picks a discrete model's timesteps; this model is continuous "

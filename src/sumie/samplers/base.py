@@ -49,7 +49,9 @@ def check_sigmas(sigmas: torch.Tensor) -> torch.Tensor:
 
 def denoise(denoiser: Callable, x: torch.Tensor, sigma: torch.Tensor, cond, i: int) -> torch.Tensor:
     """One denoiser call at noise level ``sigma`` for the whole batch, checked for NaN/inf."""
-    s = sigma.to(device=x.device, dtype=torch.float32).expand(x.shape[0])
+    # sigma travels in float32 unless the whole computation is float64 (reference runs, parity tests)
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    s = torch.as_tensor(sigma).to(device=x.device, dtype=dtype).expand(x.shape[0])
     out = denoiser(x, s, cond)
     if not torch.isfinite(out).all():
         raise FloatingPointError(f"the denoiser returned NaN or inf at step {i} (sigma={float(sigma):.6g}); "
@@ -58,8 +60,15 @@ def denoise(denoiser: Callable, x: torch.Tensor, sigma: torch.Tensor, cond, i: i
 
 
 def report(callback: Callback, i: int, sigmas: torch.Tensor, x: torch.Tensor, denoised: torch.Tensor) -> None:
+    """Tell the callback about step ``i``; it may raise :class:`SamplingCancelled` to stop."""
     if callback is not None:
         callback(StepInfo(i, float(sigmas[i]), float(sigmas[i + 1]), x, denoised))
+
+
+def report_at(callback: Callback, i: int, sigma, sigma_next, x: torch.Tensor, denoised: torch.Tensor) -> None:
+    """:func:`report` for a step between two explicit noise levels (restart segments)."""
+    if callback is not None:
+        callback(StepInfo(i, float(sigma), float(sigma_next), x, denoised))
 
 
 def to_d(x: torch.Tensor, sigma: torch.Tensor, denoised: torch.Tensor) -> torch.Tensor:
@@ -79,3 +88,8 @@ def ancestral_step(sigma: torch.Tensor, sigma_next: torch.Tensor, eta: float = 1
     sigma_up = torch.minimum(sigma_next, eta * (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2).sqrt())
     sigma_down = (sigma_next**2 - sigma_up**2).sqrt()
     return sigma_down, sigma_up
+
+
+def lambda_(sigma: torch.Tensor) -> torch.Tensor:
+    """Half log-SNR in VE form, lambda = -log(sigma) (Lu et al. 2022, DPM-Solver sec. 3.1)."""
+    return -torch.log(sigma)
