@@ -285,6 +285,8 @@ def emoji_name(entry: dict) -> str:
     name = name.replace(" & ", " and ")
     if entry.get("subcategory") in UNHOLDABLE_SUBCATEGORIES and name.endswith(" flag"):
         name = "flag of " + name[: -len(" flag")]
+    if (entry.get("subcategory") or "").startswith("hand") and name.endswith(" sign"):  # 'waving hand sign'
+        name = name[: -len(" sign")]
     if ": " in name:  # "family: man, woman, boy", "man: red hair", "kiss: woman, man"
         head, rest = name.split(": ", 1)
         parts = [p.strip() for p in rest.split(",")]
