@@ -12,7 +12,7 @@ from PIL import Image
 from sumie.data import emoji
 from sumie.data.emoji import (EmojiDataError, build, emoji_caption, emoji_name, is_heldout, sri_sha512,
                               skin_tone_words)
-from sumie.data.folder import ImageFolderDataset
+from sumie.data.folder import ImageFolderDataset, _read_metadata
 
 TONES = ("1F3FB", "1F3FC", "1F3FD", "1F3FE", "1F3FF")
 
@@ -160,6 +160,8 @@ def test_build_writes_captions_splits_licenses_and_skips_corrupt(fake_packages, 
     assert all(c in texts for c in train.captions + held.captions)
     with pytest.raises(ValueError, match="split 'test'"):
         ImageFolderDataset(out, 16, split="test")
+    captions = _read_metadata(out)  # the caption-only view that other readers use is unchanged
+    assert captions[(out / rows[0]["file_name"]).resolve()] == rows[0]["text"] and len(captions) == len(rows)
 
 
 def test_skin_tones_flags_vendor_and_size_options(fake_packages, tmp_path):

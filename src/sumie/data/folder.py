@@ -36,7 +36,12 @@ def _verified(path: Path, resolution: int) -> bool:
     return True
 
 
-def _read_metadata(root: Path) -> dict[Path, dict]:
+def _read_metadata(root: Path) -> dict[Path, str]:
+    """``metadata.jsonl`` files anywhere under root -> {absolute image path: caption}."""
+    return {p: str(row.get("text", "")) for p, row in _read_metadata_rows(root).items()}
+
+
+def _read_metadata_rows(root: Path) -> dict[Path, dict]:
     """``metadata.jsonl`` files anywhere under root -> {absolute image path: its row}."""
     rows: dict[Path, dict] = {}
     for meta in sorted(root.rglob(METADATA_FILE)):
@@ -93,7 +98,7 @@ class ImageFolderDataset(Dataset):
         self.resolution, self.random_flip, self.center_crop, self.seed = resolution, random_flip, center_crop, seed
         self.epoch = 0
         candidates = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
-        meta = _read_metadata(self.root)
+        meta = _read_metadata_rows(self.root)
         self.split = split
         if split is not None:
             n_all = len(candidates)
