@@ -148,7 +148,7 @@ def sri_sha512(path: str | Path) -> str:
 def _manual_help(vendors: Iterable[str]) -> str:
     specs = " ".join(SOURCES[v].spec for v in vendors)
     tb = " ".join(f"--tarball {SOURCES[v].tarball_name}" for v in vendors)
-    return (f"on a machine with npm run `npm pack {specs}`, copy the .tgz file(s) here and pass them with "
+    return (f"run `npm pack {specs}` on a machine that has npm, copy the .tgz file(s) here and pass them with "
             f"`sumie data emoji OUT_DIR {tb}` (or build(..., tarballs=[...]))")
 
 
@@ -209,7 +209,8 @@ def fetch_tarballs(vendors: Sequence[str], cache_dir: str | Path | None = None) 
         except (OSError, subprocess.TimeoutExpired) as e:
             raise EmojiDataError(f"`{' '.join(cmd[1:])}` failed ({e}); {_manual_help(need)}") from e
         if proc.returncode != 0:
-            tail = " | ".join((proc.stderr or proc.stdout).strip().splitlines()[-3:])
+            said = [ln for ln in (proc.stderr or proc.stdout).splitlines() if ln.strip() and "npm warn" not in ln]
+            tail = " | ".join(said[:3])  # npm puts the error code and reason first, log locations last
             raise EmojiDataError(f"`npm pack` exited with status {proc.returncode} ({tail}); {_manual_help(need)}")
         for v in need:
             got = Path(tmp) / SOURCES[v].tarball_name
