@@ -3,11 +3,13 @@
 sumie (preset ``shapes-32``: EDM preconditioning, log-normal sigma, Heun/Karras sampling)
 against a peer trained in the same run on the same data order, batch size and wall-clock
 budget: diffusers' ``UNet2DModel`` with a plain DDPM recipe (epsilon loss, 1000-step
-linear schedule, ``DDPMScheduler`` ancestral sampling). Both keep an EMA of the weights.
+linear schedule, ``DDPMScheduler`` ancestral sampling). Both keep an EMA of the weights and
+train with the same 10% condition dropout, so both can sample with classifier-free guidance
+at the preset's scale (one batched call per step for conditional + unconditional).
 
 Reported for each: training images/s, sampling images/s, and the fraction of 256 samples
-that the shapes verifier accepts (requested shape and colour present), as a table of
-values and sumie/peer ratios. Writes a JSON report and sample grids.
+that the shapes verifier accepts (requested shape and colour present), guided and
+unguided, as a table of values and sumie/peer ratios. Writes a JSON report and grids.
 
     pip install -e ".[bench]"
     python benchmarks/train_shapes.py --minutes 10 --out benchmarks/results/train_shapes
@@ -57,18 +59,24 @@ def run_sumie(minutes: float, out: Path, n: int, steps: int, sampler: str | None
         return den(x, sigma, cond)
 
     labels = labels_for(n)
-    images = []
-    t0 = time.perf_counter()
-    for i in range(0, n, 64):
-        lab = labels[i:i + 64]
-        images.append(sample(counting, (3, 32, 32), len(lab), cond=class_cond(lab), sampler=sampler,
-                             sigmas=sigmas, seed=i, device="cpu"))
-    nfe = len(calls) // len(images)
-    dt = time.perf_counter() - t0
-    x = torch.cat(images)
-    return {"params": params, "train_steps": res.step, "train_images_per_s": res.images_per_s,
-            "train_seconds": res.elapsed_s, "sampler": f"{sampler} + {cfg.sample.schedule}",
-            "steps": steps, "nfe": nfe, "sample_images_per_s": n / dt}, x
+    out_images, stats = {}, {"params": params, "train_steps": res.step, "train_images_per_s": res.images_per_s,
+                             "train_seconds": res.elapsed_s, "sampler": f"{sampler} + {cfg.sample.schedule}",
+                             "steps": steps, "guidance_scale": cfg.sample.guidance_scale}
+    for g in (cfg.sample.guidance_scale, 1.0):
+        calls.clear()
+        images = []
+        t0 = time.perf_counter()
+        for i in range(0, n, 64):
+            lab = labels[i:i + 64]
+            images.append(sample(counting, (3, 32, 32), len(lab), cond=class_cond(lab),
+                                 uncond=class_cond([-1] * len(lab)), guidance_scale=g, sampler=sampler,
+                                 sigmas=sigmas, seed=i, device="cpu"))
+        dt = time.perf_counter() - t0
+        key = "guided" if g != 1.0 else "unguided"
+        stats[f"nfe_{key}"] = len(calls) // len(images)
+        stats[f"sample_images_per_s_{key}"] = n / dt
+        out_images[key] = torch.cat(images)
+    return stats, out_images
 
 
 def run_diffusers(minutes: float, n: int, steps: int) -> tuple[dict, torch.Tensor]:
@@ -81,7 +89,7 @@ def run_diffusers(minutes: float, n: int, steps: int) -> tuple[dict, torch.Tenso
                        block_out_channels=(32, 64, 64), norm_num_groups=8,
                        down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
                        up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
-                       num_class_embeds=NUM_CLASSES, attention_head_dim=32)
+                       num_class_embeds=NUM_CLASSES + 1, attention_head_dim=32)  # + a null class for CFG
     params = sum(p.numel() for p in unet.parameters())
     sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear")
     ema = copy.deepcopy(unet).eval().requires_grad_(False)
@@ -96,6 +104,8 @@ def run_diffusers(minutes: float, n: int, steps: int) -> tuple[dict, torch.Tenso
         t0 = time.perf_counter()
         batch = default_collate([ds[step * b + j] for j in range(b)])
         x0, labels = batch["x"], batch["label"]
+        drop = torch.rand(b, generator=g) < cfg.train.cond_drop_prob  # the same 10% condition dropout
+        labels = torch.where(drop, torch.full_like(labels, NUM_CLASSES), labels)
         noise = torch.randn(x0.shape, generator=g)
         t = torch.randint(0, 1000, (b,), generator=g)
         xt = sched.add_noise(x0, noise, t)
@@ -117,22 +127,33 @@ def run_diffusers(minutes: float, n: int, steps: int) -> tuple[dict, torch.Tenso
     train_ips = step * b / t_train
 
     sched.set_timesteps(steps)
-    t0 = time.perf_counter()
-    images = []
+    out_images, stats = {}, {"params": params, "train_steps": step, "train_images_per_s": train_ips,
+                             "train_seconds": t_train, "sampler": "DDPMScheduler", "steps": steps,
+                             "guidance_scale": cfg.sample.guidance_scale, "lr": lr}
     labels = labels_for(n)
-    with torch.no_grad():
-        for i in range(0, n, 64):
-            lab = torch.tensor(labels[i:i + 64])
-            gen = torch.Generator().manual_seed(i)
-            x = torch.randn((len(lab), 3, 32, 32), generator=gen)
-            for t in sched.timesteps:
-                eps = ema(x, t, class_labels=lab).sample
-                x = sched.step(eps, t, x, generator=gen).prev_sample
-            images.append(x)
-    dt = time.perf_counter() - t0
-    return {"params": params, "train_steps": step, "train_images_per_s": train_ips, "train_seconds": t_train,
-            "sampler": "DDPMScheduler", "steps": steps, "nfe": steps, "sample_images_per_s": n / dt,
-            "lr": lr}, torch.cat(images)
+    for w in (cfg.sample.guidance_scale, 1.0):
+        t0 = time.perf_counter()
+        images = []
+        with torch.no_grad():
+            for i in range(0, n, 64):
+                lab = torch.tensor(labels[i:i + 64])
+                both = torch.cat([lab, torch.full_like(lab, NUM_CLASSES)])
+                gen = torch.Generator().manual_seed(i)
+                x = torch.randn((len(lab), 3, 32, 32), generator=gen)
+                for t in sched.timesteps:
+                    if w != 1.0:  # conditional and unconditional in one batched call, as sumie does
+                        eps_c, eps_u = ema(torch.cat([x, x]), t, class_labels=both).sample.chunk(2)
+                        eps = eps_u + w * (eps_c - eps_u)
+                    else:
+                        eps = ema(x, t, class_labels=lab).sample
+                    x = sched.step(eps, t, x, generator=gen).prev_sample
+                images.append(x)
+        dt = time.perf_counter() - t0
+        key = "guided" if w != 1.0 else "unguided"
+        stats[f"nfe_{key}"] = steps
+        stats[f"sample_images_per_s_{key}"] = n / dt
+        out_images[key] = torch.cat(images)
+    return stats, out_images
 
 
 def main() -> None:
@@ -155,19 +176,20 @@ def main() -> None:
         systems.append(("diffusers", lambda: run_diffusers(args.minutes, args.n, args.steps)))
     for name, fn in systems:
         print(f"== {name}: training for {args.minutes:g} min ...", flush=True)
-        stats, x = fn()
-        ok = verifier.accepts_labels(x, labels)
-        stats["accepted"] = float(ok.float().mean())
+        stats, images = fn()
+        for key, x in images.items():
+            stats[f"accepted_{key}"] = float(verifier.accepts_labels(x, labels).float().mean())
+            save_png(out / f"{name}_{key}_grid.png", upscale(make_grid(to_uint8(x[:72]), ncols=12), 2))
         report[name] = stats
-        save_png(out / f"{name}_grid.png", upscale(make_grid(to_uint8(x[:72]), ncols=12), 2))
         print(json.dumps(stats, indent=2), flush=True)
     (out / "report.json").write_text(json.dumps(report, indent=2))
-    keys = ["params", "train_steps", "train_images_per_s", "sample_images_per_s", "nfe", "accepted"]
-    print(f"\n{'':22s}" + "".join(f"{k:>12s}" for k in [s for s, _ in systems]) +
+    keys = ["params", "train_steps", "train_images_per_s", "sample_images_per_s_guided", "nfe_guided",
+            "accepted_guided", "sample_images_per_s_unguided", "accepted_unguided"]
+    print(f"\n{'':30s}" + "".join(f"{k:>12s}" for k in [s for s, _ in systems]) +
           ("     ratio" if len(systems) > 1 else ""))
     for k in keys:
         vals = [report[s][k] for s, _ in systems]
-        row = f"{k:22s}" + "".join(f"{v:12.3f}" if isinstance(v, float) else f"{v:12d}" for v in vals)
+        row = f"{k:30s}" + "".join(f"{v:12.3f}" if isinstance(v, float) else f"{v:12d}" for v in vals)
         if len(vals) == 2 and vals[1]:
             row += f"{vals[0] / vals[1]:10.2f}x"
         print(row)

@@ -53,3 +53,18 @@ def test_pickles_refused_and_truncated_files_reported(tmp_path):
         load_tensors(tmp_path / "nope.safetensors")
     with pytest.raises(CheckpointError, match="no complete checkpoint"):
         resolve_checkpoint(tmp_path)
+
+
+def test_safetensors_whose_header_length_starts_like_a_pickle_still_loads(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from sumie.io.checkpoint import load_tensors
+
+    for pad in range(300):  # find a metadata length that makes the first header byte 0x80
+        path = tmp_path / "w.safetensors"
+        save_file({"w": torch.ones(2)}, str(path), metadata={"pad": "x" * pad})
+        if path.read_bytes()[0] == 0x80:
+            break
+    assert path.read_bytes()[0] == 0x80
+    assert torch.equal(load_tensors(path)["w"], torch.ones(2))

@@ -6,7 +6,7 @@ from sumie import config as C
 def test_presets_and_unknown_preset():
     cfg = C.preset("shapes-32")
     assert cfg.data.resolution == 32 and cfg.model.num_classes is not None
-    with pytest.raises(ValueError, match="valid: shapes-32, tiny"):
+    with pytest.raises(ValueError, match="valid: emoji-64, shapes-32, shapes-text-32, tiny, tiny-latent, tiny-text"):
         C.preset("huge")
 
 
@@ -37,3 +37,10 @@ def test_toml_yaml_files_and_overrides(tmp_path):
 def test_round_trip_through_dict():
     cfg = C.preset("shapes-32")
     assert C.from_dict(cfg.to_dict()) == cfg
+
+
+def test_changing_the_level_count_of_a_resolved_config():
+    cfg = C.merge(C.preset("shapes-32"), {"model": {"channel_mult": [1, 2]}})  # was 3 levels
+    assert cfg.model.num_res_blocks == (1, 1) and cfg.model.transformer_depth == (1, 1)
+    with pytest.raises(ValueError, match="one entry per channel_mult level"):
+        C.merge(C.preset("shapes-32"), {"model": {"channel_mult": [1, 2], "num_res_blocks": [1, 2, 3]}})

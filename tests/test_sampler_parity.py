@@ -139,24 +139,6 @@ def sumie_sigmas_of(scheduler) -> torch.Tensor:
     return s if s[-1] == 0 else torch.cat([s, s.new_zeros(1)])
 
 
-def run_both(cls, name, steps, config=None, opts=None, seed=None, n=1):
-    sched = getattr(diffusers, cls)(**SD_BETAS, **(config or {}))
-    z = torch.randn(n, GMM.dim, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    theirs, nfe_theirs = run_diffusers(sched, GMM.denoise, z, steps, seed=seed)
-    sig = sumie_sigmas_of(sched)
-    x = z * float(sched.init_noise_sigma) if float(sched.init_noise_sigma) != 1.0 else \
-        z * (1 + sig[0] ** 2).sqrt()
-    gens = [torch.Generator().manual_seed(seed)] if seed is not None else None
-    calls = []
-
-    def den(x, sigma, cond=None):
-        calls.append(1)
-        return GMM.denoise(x, sigma)
-
-    ours = SAMPLERS[name](den, x, sig, generator=gens, **(opts or {}))
-    return ours, theirs.double(), len(calls), nfe_theirs
-
-
 # (diffusers class, scheduler config, sumie sampler, sumie options, steps, seeded)
 D_CASES = [
     ("EulerDiscreteScheduler", {"timestep_spacing": "trailing"}, "euler", {}, 10, False),
@@ -208,8 +190,7 @@ def test_matches_diffusers(cls, config, name, opts, steps, seeded):
         sigma = sched.sigmas[-2].double()
         theirs = GMM.denoise(traj[-2] * (1 + sigma**2).sqrt(), sigma.reshape(1))  # VP -> VE
     sig = sumie_sigmas_of(sched)
-    init = float(sched.init_noise_sigma)
-    x = z * (init if init != 1.0 else math.sqrt(1 + float(sig[0]) ** 2))
+    x = z * math.sqrt(1 + float(sig[0]) ** 2)
     calls = []
 
     def den(x, sigma, cond=None):

@@ -1,4 +1,4 @@
-"""The ``sumie`` command: train, sample, explain, demo, convert, data.
+"""The ``sumie`` command: generate, train, sample, export, explain, eval, demo, convert, data, bench.
 
 Errors a user can fix (bad config keys, missing folders, unreadable checkpoints, unknown
 sampler names) are printed as one line ``sumie: error: ...`` with exit status 2, not as
@@ -22,10 +22,14 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the run's sample.steps)")
-    p.add_argument("--sampler", default=None, help="euler, euler_ancestral, heun, ddim, ddpm")
-    p.add_argument("--schedule", default=None, help="karras, exponential, or for discrete models "
-                                                    "leading/linspace/trailing")
-    p.add_argument("--eta", type=float, default=None, help="noise of ddim/euler_ancestral (0 = deterministic)")
+    p.add_argument("--sampler", default=None,
+                   help="euler, euler_ancestral, heun, dpm_2, dpm_2_ancestral, lms, ddim, ddpm, plms, ipndm, deis, "
+                        "dpmpp_2s_ancestral, dpmpp_sde, dpmpp_2m, dpmpp_2m_sde, dpmpp_3m, dpmpp_3m_sde, uni_pc, "
+                        "uni_pc_bh2, restart, lcm; or an A1111 name such as 'DPM++ 2M Karras'")
+    p.add_argument("--schedule", default=None, help="karras, exponential, polyexponential, simple, sgm_uniform, "
+                                                    "beta, ays_gmm, or for discrete models leading/linspace/trailing")
+    p.add_argument("--eta", type=float, default=None, help="noise of the samplers that take it (ddim, the "
+                                                           "ancestral and SDE samplers; 0 = deterministic)")
     p.add_argument("--guidance-scale", type=float, default=None, help="classifier-free guidance scale")
     p.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
 
@@ -33,6 +37,31 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="sumie", description="Diffusion models from first principles.")
     sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("generate", help="text to image with the bundled model (or --model RUN_DIR)",
+                       description='sumie generate "a red apple" writes sumie.png with the bundled model')
+    p.add_argument("prompt", help="what to draw (an empty string draws unconditionally)")
+    p.add_argument("--negative-prompt", default="", help="what to steer away from")
+    p.add_argument("--model", default=None, help="run folder, ckpt-* folder or exported model folder "
+                                                 "(default: the bundled emoji-64 model)")
+    p.add_argument("--out", default="sumie.png", help="PNG to write (with --n > 1: a grid; see --each)")
+    p.add_argument("--n", type=int, default=1, help="number of images (image i uses seed + i)")
+    p.add_argument("--each", action="store_true", help="with --n > 1, also write OUT-0000.png, ... one per image")
+    p.add_argument("--scale", type=int, default=1, help="nearest-neighbour upscaling of the written image")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]",
+                   help="Stable Diffusion models: a kohya or diffusers/PEFT LoRA file (repeatable)")
+    p.add_argument("--vae", default=None, help="Stable Diffusion models: a separate VAE file")
+    p.add_argument("--tokenizer", default=None, help="Stable Diffusion single files: a CLIP tokenizer/ folder")
+    p.add_argument("--width", type=int, default=None, help="Stable Diffusion models: image width")
+    p.add_argument("--height", type=int, default=None, help="Stable Diffusion models: image height")
+    p.add_argument("--allow-pickle", action="store_true", help="admit .ckpt files (restricted unpickler)")
+    _add_sampling_args(p)
+
+    p = sub.add_parser("export", help="write a run's inference-only model folder (EMA weights in fp16)")
+    p.add_argument("run", help="run folder or ckpt-* folder")
+    p.add_argument("out", help="model folder to write (replaced atomically)")
+    p.add_argument("--dtype", default="float16", choices=["float16", "float32", "bfloat16"])
+    p.add_argument("--card", default=None, metavar="FILE", help="a model card (Markdown) to put beside the weights")
 
     p = sub.add_parser("train", help="train a diffusion model")
     _add_config_args(p)
@@ -51,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="class label(s) (repeatable; default: cycle through all classes)")
     p.add_argument("--shape", default=None, help="shapes models: the shape to draw (with --color)")
     p.add_argument("--color", default=None, help="shapes models: the colour to draw (with --shape)")
+    p.add_argument("--prompt", default=None, help="text-conditioned models: what to draw (empty: unconditional)")
+    p.add_argument("--negative-prompt", default="", help="text-conditioned models: what to steer away from")
     p.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA")
     p.add_argument("--scale", type=int, default=2, help="nearest-neighbour upscaling of the grid")
     _add_sampling_args(p)
@@ -64,6 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--frames", type=int, default=8)
     e.add_argument("--schedule", default="linear", help="beta schedule: linear, scaled_linear, cosine")
     e.add_argument("--seed", type=int, default=0)
+    _add_explain_parsers(esub)
+    _add_eval_parser(sub)
+
+    _add_bench_parser(sub)
+    _add_train_vae_parser(sub)
 
     p = sub.add_parser("demo", help="train on the built-in shapes data for a few minutes, then sample")
     p.add_argument("--out", default="runs/demo")
@@ -123,6 +159,20 @@ def _labels_for(args, config) -> list[int] | None:
     return [i % n_classes for i in range(args.n)]
 
 
+def _prompt_conds(args, encoder) -> tuple[dict, dict]:
+    """Cross-attention conditions for ``--prompt`` and ``--negative-prompt`` (empty: unconditional)."""
+    from .text.small import text_cond
+
+    if args.label or args.shape or args.color:
+        raise ValueError("this model is text-conditioned: describe the image with --prompt instead of "
+                         "--label/--shape/--color")
+    prompt = args.prompt or ""
+    if not prompt.strip():
+        print("empty prompt: generating unconditionally", file=sys.stderr)
+    with __import__("torch").no_grad():
+        return text_cond(encoder, [prompt] * args.n), text_cond(encoder, [args.negative_prompt] * args.n)
+
+
 def cmd_train(args) -> int:
     from .config import resolve
     from .train.loop import train
@@ -156,23 +206,34 @@ def cmd_sample(args) -> int:
     import torch
 
     from .image import make_grid, save_png, to_uint8, upscale
-    from .models import load_model
+    from .models import load_model, load_text_encoder
     from .pipeline import class_cond, sample
 
     if args.n < 1:
         raise ValueError(f"--n must be >= 1, got {args.n}")
     denoiser, config = load_model(args.run, ema=not args.raw)
     s = config.sample
-    labels = _labels_for(args, config)
-    cond = class_cond(labels) if labels is not None else None
-    uncond = class_cond([-1] * args.n) if labels is not None else None
-    res = config.data.resolution
-    x = sample(denoiser, (config.model.in_channels, res, res), args.n, cond=cond, uncond=uncond,
-               sampler=args.sampler or s.sampler, schedule=args.schedule or s.schedule,
+    if config.data.conditioning == "caption":
+        cond, uncond = _prompt_conds(args, load_text_encoder(args.run, ema=not args.raw))
+    else:
+        if args.prompt:
+            raise ValueError("this model has no text encoder; use --label or --shape/--color instead of --prompt")
+        labels = _labels_for(args, config)
+        cond = class_cond(labels) if labels is not None else None
+        uncond = class_cond([-1] * args.n) if labels is not None else None
+    from .samplers import resolve_sampler_name
+
+    sampler = args.sampler or s.sampler
+    schedule = args.schedule or (None if resolve_sampler_name(sampler)[1] else s.schedule)
+    from .latent import decode_samples, load_space
+
+    space = load_space(args.run, config)
+    x = sample(denoiser, space.latent_shape(config.data.resolution), args.n, cond=cond, uncond=uncond,
+               sampler=sampler, schedule=schedule,
                steps=args.steps if args.steps is not None else s.steps, rho=s.rho, eta=args.eta,
                guidance_scale=args.guidance_scale if args.guidance_scale is not None else s.guidance_scale,
                seed=args.seed)
-    images = to_uint8(x[:, :3])
+    images = to_uint8(decode_samples(space, x)[:, :3])
     out = save_png(args.out, upscale(make_grid(images), args.scale))
     print(f"wrote {out} ({args.n} images)")
     if args.singles:
@@ -182,13 +243,225 @@ def cmd_sample(args) -> int:
     return 0
 
 
-def cmd_explain(args) -> int:
-    from .explain import explain_forward
+def _add_explain_parsers(esub) -> None:
+    e = esub.add_parser("reverse", help="the reverse (denoising) process of one sample: x_sigma and the x0 "
+                                        "estimate per step, strip + GIF")
+    e.add_argument("run", help="run folder or ckpt-* folder")
+    e.add_argument("--out", default="explain", help="output folder")
+    e.add_argument("--label", type=int, default=None, help="class-conditional models: the class to draw")
+    e.add_argument("--shape", default=None, help="shapes models: the shape to draw (with --color)")
+    e.add_argument("--color", default=None, help="shapes models: the colour to draw (with --shape)")
+    e.add_argument("--prompt", default=None, help="text-conditioned models: what to draw")
+    e.add_argument("--columns", type=int, default=8, help="steps shown in the strip")
+    e.add_argument("--scale", type=int, default=4, help="nearest-neighbour upscaling")
+    _add_sampling_args(e)
+    e = esub.add_parser("curves", help="training curves (loss, learning rate, ...) of a run as PNG plots")
+    e.add_argument("run", help="run folder (reads log.jsonl)")
+    e.add_argument("--out", default=None, help="output folder (default RUN/curves)")
+    e = esub.add_parser("attention", help="text-conditioned models: per-token cross-attention heatmaps for a prompt")
+    e.add_argument("run", help="run folder or ckpt-* folder")
+    e.add_argument("--prompt", required=True)
+    e.add_argument("--out", default="explain", help="output folder")
+    e.add_argument("--scale", type=int, default=4)
+    _add_sampling_args(e)
 
-    paths = explain_forward(args.image, args.out, size=args.size, frames=args.frames,
-                            beta_schedule=args.schedule, seed=args.seed)
-    for k, v in paths.items():
+
+def _add_eval_parser(sub) -> None:
+    p = sub.add_parser("eval", help="FD/KID/precision/recall and prompt adherence: image folders, a run, or a sweep",
+                       description="sumie eval --generated DIR --reference DIR | sumie eval RUN | "
+                                   "sumie eval sweep RUN --steps 10,20 --sampler euler,heun --guidance 1,3")
+    p.add_argument("target", nargs="*", metavar="RUN", help="a run folder to sample from, or `sweep RUN` for a grid "
+                                                            "of settings; none with --generated/--reference")
+    p.add_argument("--generated", default=None, help="folder of generated images")
+    p.add_argument("--reference", default=None, help="folder of reference images")
+    p.add_argument("--features", default="sumie", choices=["sumie", "inception"],
+                   help="feature network: sumie (shipped, reported as FD_sumie) or inception (FID; needs "
+                        "--inception-weights)")
+    p.add_argument("--inception-weights", default=None, metavar="FILE",
+                   help="pytorch-fid's pt_inception-2015-12-05-6726825d.pth (or a .safetensors of it)")
+    p.add_argument("--feature-weights", default=None, metavar="FILE", help="another sumie-features file")
+    p.add_argument("--out", default=None, help="JSON report to write; for a sweep, a folder (default: sweep)")
+    p.add_argument("--n", type=int, default=256, help="runs: images per setting (and reference images)")
+    p.add_argument("--steps", default=None, help="sampling steps (a sweep takes a list, e.g. 10,20,30)")
+    p.add_argument("--sampler", default=None, help="sampler (a sweep takes a list, e.g. euler,heun)")
+    p.add_argument("--guidance", "--guidance-scale", dest="guidance", default=None,
+                   help="classifier-free guidance scale (a sweep takes a list, e.g. 1,3,5)")
+    p.add_argument("--schedule", default=None, help="karras, exponential, ... (default: the run's)")
+    p.add_argument("--seed", type=int, default=0, help="generated image i uses seed + i")
+    p.add_argument("--k", type=int, default=3, help="nearest neighbours for precision/recall")
+    p.add_argument("--kid-subsets", type=int, default=100)
+    p.add_argument("--kid-subset-size", type=int, default=1000)
+    p.add_argument("--resolution", type=int, default=None, help="folders: resize both sets to this size")
+    p.add_argument("--adherence", action="store_true",
+                   help="folders: check the generated images against their shapes captions with the verifier")
+    p.add_argument("--save-images", default=None, metavar="DIR", help="runs: also write the generated images")
+    p.add_argument("--data", default=None, metavar="DIR", help="runs trained on an image folder: where it is now")
+    p.add_argument("--split", default=None, help="runs on a folder: the reference split (default: the run's)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def cmd_explain(args) -> int:
+    from . import explain
+
+    if args.what == "forward":
+        paths = explain.explain_forward(args.image, args.out, size=args.size, frames=args.frames,
+                                        beta_schedule=args.schedule, seed=args.seed)
+    elif args.what == "reverse":
+        label = args.label
+        if args.shape or args.color:
+            from .data.shapes import class_label
+
+            if not (args.shape and args.color):
+                raise ValueError("give both --shape and --color")
+            label = class_label(args.shape, args.color)
+        if args.eta is not None:
+            raise ValueError("explain reverse takes no --eta")
+        paths = explain.explain_reverse(args.run, args.out, label=label, prompt=args.prompt, sampler=args.sampler,
+                                        schedule=args.schedule, steps=args.steps, guidance_scale=args.guidance_scale,
+                                        seed=args.seed, columns=args.columns, scale=args.scale)
+    elif args.what == "curves":
+        paths = explain.explain_curves(args.run, args.out)
+    else:
+        paths = explain.explain_attention(args.run, args.prompt, args.out, sampler=args.sampler, steps=args.steps,
+                                          guidance_scale=args.guidance_scale, seed=args.seed, scale=args.scale)
+    for v in paths.values():
         print(f"wrote {v}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    import json
+
+    from .metrics import evaluate as ev
+    from .metrics.sweep import grid, markdown_table, parse_list, write_sweep
+
+    weights = args.inception_weights if args.features == "inception" else args.feature_weights
+    progress = not args.no_progress
+    common = dict(features=args.features, weights=weights, k=args.k, kid_subsets=args.kid_subsets,
+                  kid_subset_size=args.kid_subset_size, seed=args.seed, progress=progress)
+    if not args.target:
+        if not (args.generated and args.reference):
+            raise ValueError("give a run folder (sumie eval RUN), `sumie eval sweep RUN`, or both --generated DIR "
+                             "and --reference DIR")
+        report = ev.evaluate_folders(args.generated, args.reference, resolution=args.resolution,
+                                     adherence_captions=args.adherence, **common)
+        for note in report["notes"]:
+            print(f"note: {note}", file=sys.stderr)
+        print(json.dumps(report["metrics"], indent=1))
+        if report.get("adherence"):
+            print(json.dumps({"adherence": report["adherence"]}, indent=1))
+        if args.out:
+            print(f"wrote {ev.write_report(report, args.out)}")
+        return 0
+    if args.generated or args.reference:
+        raise ValueError("--generated/--reference compare two folders; they do not combine with a run folder")
+    sweep = args.target[0] == "sweep"
+    rest = args.target[1:] if sweep else args.target
+    if len(rest) != 1:
+        raise ValueError("expected one run folder: sumie eval RUN or sumie eval sweep RUN")
+    from .config import from_dict
+    from .io.checkpoint import read_json, resolve_checkpoint
+
+    s = from_dict(read_json(resolve_checkpoint(rest[0]) / "config.json")).sample
+    samplers = parse_list(args.sampler, str, "sampler") or [s.sampler]
+    steps = parse_list(args.steps, int, "steps") or [s.steps]
+    guidance = parse_list(args.guidance, float, "guidance") or [s.guidance_scale]
+    if not sweep and len(samplers) * len(steps) * len(guidance) > 1:
+        raise ValueError("lists of settings are for sweeps: sumie eval sweep RUN ...")
+    report = ev.evaluate_run(rest[0], grid(samplers, steps, guidance, args.schedule), n=args.n,
+                             batch_size=args.batch_size, raw=args.raw, images_out=args.save_images, data=args.data,
+                             split=args.split, **common)
+    for note in report["notes"]:
+        print(f"note: {note}", file=sys.stderr)
+    print(markdown_table(report), end="")
+    if sweep:
+        for v in write_sweep(report, args.out or "sweep").values():
+            print(f"wrote {v}")
+    elif args.out:
+        print(f"wrote {ev.write_report(report, args.out)}")
+    return 0
+
+
+def _parse_lora(spec: str) -> tuple[str, float]:
+    path, _, strength = spec.rpartition(":") if ":" in spec and not Path(spec).exists() else (spec, "", "")
+    try:
+        return path, float(strength) if strength else 1.0
+    except ValueError:
+        raise ValueError(f"--lora {spec!r}: expected FILE or FILE:STRENGTH (e.g. style.safetensors:0.8)") from None
+
+
+def _generate_sd(args):
+    """Stable Diffusion checkpoints (single file or diffusers folder) through sumie's own SD pipeline."""
+    from .generate import Generation
+    from .pipelines.sd import StableDiffusion
+
+    import time
+
+    pipe = StableDiffusion.from_pretrained(args.model, vae=args.vae, tokenizer=args.tokenizer,
+                                           allow_pickle=args.allow_pickle)
+    for spec in args.lora:
+        path, strength = _parse_lora(spec)
+        pipe.load_lora(path, strength)
+    settings = dict(steps=args.steps or 20, guidance_scale=7.5 if args.guidance_scale is None else args.guidance_scale,
+                    sampler=args.sampler or "euler", schedule=args.schedule)
+    t0 = time.perf_counter()
+    images = pipe(args.prompt, args.negative_prompt, n=args.n, seed=args.seed, height=args.height, width=args.width,
+                  eta=args.eta, **settings)
+    return Generation(images.numpy(), settings, time.perf_counter() - t0), f"{images.shape[2]}x{images.shape[1]}"
+
+
+def is_sd_model(path: str | None) -> bool:
+    """A Stable Diffusion checkpoint: a weights file, or a diffusers folder (model_index.json)."""
+    return path is not None and (Path(path).is_file() or (Path(path) / "model_index.json").is_file())
+
+
+def cmd_generate(args) -> int:
+    from .generate import TextToImage
+    from .image import make_grid, save_png, upscale
+
+    if args.scale < 1:
+        raise ValueError(f"--scale must be >= 1, got {args.scale}")
+    out = Path(args.out)
+    if out.suffix.lower() != ".png":
+        raise ValueError(f"--out must name a .png file, got {str(out)!r}")
+    if not args.prompt.strip():
+        print("empty prompt: generating unconditionally", file=sys.stderr)
+    if is_sd_model(args.model):
+        g, size = _generate_sd(args)
+    else:
+        if args.lora or args.vae or args.width or args.height:
+            raise ValueError("--lora, --vae, --width and --height are for Stable Diffusion checkpoints "
+                             "(--model FILE.safetensors or a diffusers folder)")
+        model = TextToImage.load(args.model)
+        size = f"{model.resolution}x{model.resolution}"
+        g = model(args.prompt, args.negative_prompt, n=args.n, seed=args.seed, steps=args.steps,
+                  sampler=args.sampler, schedule=args.schedule, guidance_scale=args.guidance_scale, eta=args.eta)
+    image = g.images[0] if args.n == 1 else make_grid(g.images)
+    save_png(out, upscale(image, args.scale))
+    written = [out]
+    if args.each and args.n > 1:
+        for i, img in enumerate(g.images):
+            written.append(save_png(out.with_name(f"{out.stem}-{i:04d}.png"), upscale(img, args.scale)))
+    s = g.settings
+    print(f"wrote {', '.join(map(str, written))} ({args.n} image(s) of {size}, "
+          f"{s['sampler']} {s['steps']} steps, guidance {s['guidance_scale']:g}, seed {args.seed}, "
+          f"{g.seconds:.2f} s)")
+    return 0
+
+
+def cmd_export(args) -> int:
+    import torch
+
+    from .models import export_model
+
+    extra = {}
+    if args.card:
+        extra["MODEL_CARD.md"] = Path(args.card).read_text(encoding="utf-8")
+    out = export_model(args.run, args.out, dtype=getattr(torch, args.dtype), extra_files=extra)
+    size = sum(f.stat().st_size for f in out.iterdir())
+    print(f"wrote {out} ({size / 2**20:.1f} MiB)")
     return 0
 
 
@@ -209,8 +482,9 @@ def cmd_demo(args) -> int:
                    progress=not args.no_progress)
     denoiser, config = load_model(out)
     n = config.model.num_classes
-    x = sample(denoiser, (3, 32, 32), n, cond=class_cond(list(range(n))), sampler=config.sample.sampler,
-               schedule=config.sample.schedule, steps=config.sample.steps, seed=0)
+    s = config.sample
+    x = sample(denoiser, (3, 32, 32), n, cond=class_cond(list(range(n))), uncond=class_cond([-1] * n),
+               sampler=s.sampler, schedule=s.schedule, steps=s.steps, guidance_scale=s.guidance_scale, seed=0)
     grid = save_png(out / "demo_grid.png", upscale(make_grid(to_uint8(x), ncols=6), 3))
     print(f"trained {result.step} steps; one sample per class (rows: shapes, columns: colours): {grid}")
     return 0
@@ -264,8 +538,97 @@ def cmd_data(args) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "sample": cmd_sample, "explain": cmd_explain, "demo": cmd_demo,
+def _add_bench_parser(sub) -> None:
+    p = sub.add_parser("bench", help="benchmarks with a known answer")
+    bsub = p.add_subparsers(dest="what", required=True)
+    b = bsub.add_parser("samplers", help="every sampler x schedule x NFE on a Gaussian mixture, against the exact "
+                                         "PF-ODE solution and diffusers' schedulers: table, JSON, log-log plot")
+    b.add_argument("--out", default="benchmarks/results/samplers", help="folder for samplers.json/.md/.png")
+    b.add_argument("--nfe", default=None, help="comma-separated NFE budgets (default 5,8,10,15,20,30,50)")
+    b.add_argument("--samples", type=int, default=2048, help="starting points for the deterministic samplers")
+    b.add_argument("--sde-samples", type=int, default=2048, help="samples for the stochastic samplers")
+    b.add_argument("--no-diffusers", action="store_true", help="skip diffusers' schedulers")
+    b.add_argument("--quick", action="store_true", help="a few samplers and schedules only (smoke test)")
+
+
+def cmd_bench(args) -> int:
+    from .metrics import sampler_accuracy as sa
+
+    nfes = tuple(int(v) for v in args.nfe.split(",")) if args.nfe else sa.NFES
+    if any(n < 1 for n in nfes):
+        raise ValueError(f"NFE budgets must be >= 1, got {nfes}")
+    if args.samples < 2 or args.sde_samples < 2:
+        raise ValueError("--samples and --sde-samples must be >= 2")
+    kw = {}
+    if args.quick:
+        kw = dict(schedules=("karras", "ays_gmm"), sumie_ode=("euler", "dpmpp_2m", "uni_pc"),
+                  sumie_sde=("euler_ancestral",), diffusers_ode=sa.DIFFUSERS_ODE[:1], diffusers_sde=[])
+    result = sa.benchmark(nfes, samples=args.samples, sde_samples=args.sde_samples, diffusers=not args.no_diffusers,
+                          log=lambda m: print(m, file=sys.stderr), **kw)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    import json
+
+    (out / "samplers.json").write_text(json.dumps(result, indent=1))
+    (out / "samplers.md").write_text(sa.format_tables(result, markdown=True) + "\n")
+    sa.write_plot(result, out / "samplers.png")
+    print(sa.format_tables(result))
+    print(f"\nwrote {out / 'samplers.json'}, {out / 'samplers.md'} and {out / 'samplers.png'}")
+    return 0
+
+
+def _add_train_vae_parser(sub) -> None:
+    p = sub.add_parser("train-vae", help="train a KL autoencoder for latent diffusion; writes RUN/vae and "
+                                         "RUN/report.json (latent scale, held-out PSNR)")
+    p.add_argument("--preset", default=None, help="tiny, shapes-f4, emoji-f4, emoji-f8; default tiny")
+    p.add_argument("--config", default=None, help="TOML/YAML/JSON file with [vae] [data] [loss] [train] tables")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one value, e.g. --set loss.disc_start=2000 (repeatable)")
+    p.add_argument("--out", required=True, help="run folder (checkpoints, vae/, report.json, log.jsonl)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
+    p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--time-budget", type=float, default=None, help="stop after this many seconds of training")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def cmd_train_vae(args) -> int:
+    from .config import merge, parse_override
+    from .train.vae import resolve_vae_config, train_vae, vae_config_from_dict
+
+    overrides = list(args.overrides)
+    if args.max_steps is not None:
+        overrides.append(f"train.max_steps={args.max_steps}")
+    if args.time_budget is not None:
+        overrides.append(f"train.time_budget_s={args.time_budget}")
+    if args.resume and args.preset is None and args.config is None:
+        cfg_path = Path(args.out) / "config.json"
+        if not cfg_path.is_file():
+            raise FileNotFoundError(f"--resume: {cfg_path} not found; is {args.out} a train-vae run folder?")
+        from .io.checkpoint import read_json
+
+        config = vae_config_from_dict(read_json(cfg_path))
+        for o in overrides:
+            config = merge(config, parse_override(o))
+    else:
+        config = resolve_vae_config(args.preset or "tiny", args.config, overrides)
+    result = train_vae(config, args.out, resume=args.resume, progress=not args.no_progress)
+    r = result.report
+    print(f"{result.status} at step {result.step} in {result.elapsed_s:.0f}s of training "
+          f"({result.images_per_s:.1f} images/s); held-out PSNR {r['heldout']['psnr_db']:.2f} dB on "
+          f"{r['heldout']['images']} images ({r['heldout']['source']}); latent scale "
+          f"{r['latent']['scaling_factor']:.4g}, shift {r['latent']['shift_factor']:.4g}")
+    print(f"autoencoder for latent diffusion: {result.run_dir / 'vae'} (set latent.vae to it); "
+          f"report: {result.run_dir / 'report.json'}")
+    if result.status == "interrupted":
+        print(f"resume with: sumie train-vae --out {result.run_dir} --resume")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "sample": cmd_sample, "explain": cmd_explain, "eval": cmd_eval, "demo": cmd_demo,
             "convert": cmd_convert, "data": cmd_data}
+
+COMMANDS.update(bench=cmd_bench, generate=cmd_generate, export=cmd_export)
+COMMANDS["train-vae"] = cmd_train_vae
 
 
 def main(argv: list[str] | None = None) -> int:

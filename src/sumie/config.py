@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .nn.unet import UNetConfig
+from .text.small import TextConfig
 
 
 @dataclass
@@ -44,7 +45,9 @@ class DataConfig:
     max_objects: int = 1
     seed: int = 0
     random_flip: bool = True
-    conditioning: str = "class"  # class | none
+    conditioning: str = "class"  # class | caption | none
+    split: str | None = None  # folder: only images whose metadata.jsonl row has this "split" (e.g. "train")
+    shapes_fraction: float = 0.0  # folder: this fraction of examples are procedural shapes scenes instead
 
 
 @dataclass
@@ -84,12 +87,22 @@ class SampleConfig:
 
 
 @dataclass
+class LatentConfig:
+    """Latent diffusion (Rombach et al. 2022): train and sample in a frozen autoencoder's latent space."""
+
+    vae: str | None = None  # autoencoder folder (`sumie train-vae` writes RUN/vae); None: pixel space
+    sample_posterior: bool = False  # encode training images to a posterior sample instead of its mean
+
+
+@dataclass
 class RunConfig:
     model: UNetConfig = field(default_factory=UNetConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    text: TextConfig = field(default_factory=TextConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    latent: LatentConfig = field(default_factory=LatentConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -113,10 +126,12 @@ def _shapes_model(**kw) -> UNetConfig:
 
 def _preset_shapes32() -> RunConfig:
     """Class-conditional (shape x colour) pixel model at 32x32, sized for minutes on 2 CPU cores:
-    a 3M-parameter U-Net behind a 2x2 patch stem, small batches for many updates, cosine LR."""
-    return RunConfig(model=_shapes_model(), data=DataConfig(kind="shapes", resolution=32),
-                     train=TrainConfig(batch_size=16, lr=2e-3, max_steps=20000, warmup_steps=100,
-                                       lr_schedule="cosine", ckpt_every=500, sample_every=1000, ema_decay=0.998))
+    a 1.4M-parameter U-Net behind a 2x2 patch stem (~190 training images/s on 2 Zen 2 cores),
+    cosine LR, condition dropout for classifier-free guidance at sampling time."""
+    return RunConfig(model=_shapes_model(model_channels=32), data=DataConfig(kind="shapes", resolution=32),
+                     train=TrainConfig(batch_size=32, lr=2e-3, max_steps=20000, warmup_steps=100,
+                                       lr_schedule="cosine", ckpt_every=500, sample_every=1000, ema_decay=0.998),
+                     sample=SampleConfig(guidance_scale=5.0))
 
 
 def _preset_tiny() -> RunConfig:
@@ -129,7 +144,55 @@ def _preset_tiny() -> RunConfig:
                      sample=SampleConfig(steps=8))
 
 
-PRESETS = {"shapes-32": _preset_shapes32, "tiny": _preset_tiny}
+def _preset_shapes_text32() -> RunConfig:
+    """Text-to-image on captioned `shapes` scenes of one or two objects at 32x32: a small word-level
+    transformer text encoder trained with the U-Net, cross-attention at 1/4 and 1/8 resolution."""
+    text = TextConfig(kind="small", width=128, layers=2, heads=4, max_length=32)
+    return RunConfig(model=_shapes_model(model_channels=32, num_classes=None, context_dim=text.width,
+                                         attention_resolutions=(2, 4)),
+                     text=text, data=DataConfig(kind="shapes", resolution=32, max_objects=2, conditioning="caption"),
+                     train=TrainConfig(batch_size=32, lr=2e-3, max_steps=20000, warmup_steps=100,
+                                       lr_schedule="cosine", ckpt_every=500, sample_every=1000, ema_decay=0.998),
+                     sample=SampleConfig(guidance_scale=5.0))
+
+
+def _preset_tiny_text() -> RunConfig:
+    """A few-second caption-conditioned model for tests and smoke runs."""
+    cfg = _preset_tiny()
+    cfg.text = TextConfig(kind="small", width=32, layers=1, heads=2, max_length=24)
+    cfg.model = _shapes_model(model_channels=16, channel_mult=(1, 2), attention_resolutions=(2,), norm_groups=8,
+                              num_heads=2, patch_size=1, num_classes=None, context_dim=32)
+    cfg.data.conditioning = "caption"
+    return cfg
+
+
+def _preset_emoji64() -> RunConfig:
+    """The bundled text-to-image model: emoji artwork (``sumie data emoji``) with 40% captioned
+    shapes scenes of one or two objects mixed in, at 64x64. A 4x4 patch stem runs the U-Net at
+    16x16; the word-level text encoder is trained with it. Set data.path to the emoji folder."""
+    text = TextConfig(kind="small", width=128, layers=2, heads=4, max_length=32)
+    return RunConfig(model=_shapes_model(model_channels=64, num_classes=None, context_dim=text.width,
+                                         attention_resolutions=(2, 4), patch_size=4),
+                     text=text,
+                     data=DataConfig(kind="folder", resolution=64, split="train", random_flip=False,
+                                     shapes_fraction=0.4, max_objects=2, conditioning="caption"),
+                     train=TrainConfig(batch_size=32, lr=2e-3, max_steps=200_000, warmup_steps=200,
+                                       lr_schedule="cosine", ckpt_every=500, sample_every=2000, ema_decay=0.999),
+                     sample=SampleConfig(sampler="heun", steps=20, guidance_scale=4.0))
+
+
+def _preset_tiny_latent() -> RunConfig:
+    """The tiny model on the 8x8x4 latents of a kl-f4 autoencoder of 32x32 shapes (set latent.vae)."""
+    cfg = _preset_tiny()
+    cfg.model.in_channels = cfg.model.out_channels = 4
+    cfg.data.resolution = 32
+    cfg.diffusion.sigma_data = 1.0  # latents are scaled to unit variance
+    return cfg
+
+
+PRESETS = {"shapes-32": _preset_shapes32, "shapes-text-32": _preset_shapes_text32, "tiny": _preset_tiny,
+           "tiny-text": _preset_tiny_text, "emoji-64": _preset_emoji64}
+PRESETS["tiny-latent"] = _preset_tiny_latent
 
 
 def preset(name: str) -> RunConfig:
@@ -182,7 +245,7 @@ def _from_dict(cls: type, data: Any, where: str = "config") -> Any:
 
 def merge(config: RunConfig, updates: dict) -> RunConfig:
     """Return ``config`` with the nested ``updates`` applied (strict keys)."""
-    base = config.to_dict()
+    base = dataclasses.asdict(config)
     unknown = sorted(set(updates) - set(base))
     if unknown:
         raise ValueError(f"unknown section(s) {', '.join(map(repr, unknown))} in config; "
@@ -197,7 +260,7 @@ def merge(config: RunConfig, updates: dict) -> RunConfig:
             raise ValueError(f"unknown key(s) {', '.join(map(repr, bad))} in [{section}]; "
                              f"valid keys: {', '.join(sorted(valid))}")
         base[section].update(values)
-    return from_dict(base)
+    return _from_dict(type(config), base, "config")
 
 
 def from_dict(data: dict) -> RunConfig:

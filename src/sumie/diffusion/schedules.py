@@ -316,6 +316,8 @@ def _betainc(a: float, b: float, x: float) -> float:
 
 def beta_ppf(q: float, a: float, b: float) -> float:
     """Quantile of the Beta(a, b) distribution, by bisection on :func:`_betainc`."""
+    if q <= 0 or q >= 1:
+        return 0.0 if q <= 0 else 1.0
     lo, hi = 0.0, 1.0
     for _ in range(100):
         mid = (lo + hi) / 2

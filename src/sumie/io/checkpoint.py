@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 
 CKPT_RE = re.compile(r"^ckpt-(\d+)$")
 REQUIRED = ("model.safetensors", "ema.safetensors", "state.safetensors", "state.json", "config.json")
+MODEL_FILES = ("config.json", "ema.safetensors")  # what an exported (inference-only) model folder holds
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
 
 
@@ -81,7 +82,9 @@ def load_tensors(path: str | Path, device: str | torch.device = "cpu") -> dict[s
 
 def _looks_like_pickle(path: Path) -> bool:
     with open(path, "rb") as f:
-        head = f.read(4)
+        head = f.read(9)
+    if head[8:9] == b"{":  # safetensors: 8-byte little-endian header length, then the JSON header,
+        return False       # whose length may well start with 0x80 or spell "PK"
     return head[:1] == b"\x80" or head[:2] == b"PK"  # pickle protocol byte / torch zip archive
 
 
@@ -102,30 +105,38 @@ def read_json(path: Path) -> dict:
         raise CheckpointError(f"{path} is not valid JSON ({e})") from e
 
 
-def write_checkpoint(run_dir: str | Path, step: int, files: dict[str, object]) -> Path:
-    """Write ``files`` (name -> tensors dict or JSON-able object) as ``run_dir/ckpt-<step>``, atomically."""
-    run_dir = Path(run_dir)
-    final = run_dir / f"ckpt-{step:07d}"
-    tmp = run_dir / f"ckpt-{step:07d}.tmp-{os.getpid()}"
+def write_folder(final: str | Path, files: dict[str, object]) -> Path:
+    """Write ``files`` (name -> tensors dict, text, or JSON-able object) as the folder ``final``, atomically:
+    everything goes into a temporary sibling folder, which then replaces ``final`` whole."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     for name, content in files.items():
         if name.endswith(".safetensors"):
             save_file({k: v.detach().contiguous().cpu() for k, v in content.items()}, str(tmp / name))
+        elif isinstance(content, str):
+            (tmp / name).write_text(content)
         else:
             (tmp / name).write_text(json.dumps(content, indent=2))
         _fsync_file(tmp / name)
     _fsync_dir(tmp)
-    if final.exists():  # re-saving the same step (e.g. after a resume): replace it whole
-        old = run_dir / f".old-{final.name}-{os.getpid()}"
+    if final.exists():  # re-saving (e.g. the same step after a resume): replace it whole
+        old = final.with_name(f".old-{final.name}-{os.getpid()}")
         os.replace(final, old)
         os.replace(tmp, final)
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, final)
-    _fsync_dir(run_dir)
+    _fsync_dir(final.parent)
     return final
+
+
+def write_checkpoint(run_dir: str | Path, step: int, files: dict[str, object]) -> Path:
+    """Write ``files`` (name -> tensors dict or JSON-able object) as ``run_dir/ckpt-<step>``, atomically."""
+    return write_folder(Path(run_dir) / f"ckpt-{step:07d}", files)
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
@@ -168,6 +179,8 @@ def resolve_checkpoint(path: str | Path) -> Path:
         return path
     if path.is_dir():
         ckpt = latest_checkpoint(path)
+        if ckpt is None and all((path / f).is_file() for f in MODEL_FILES):
+            return path  # an exported model folder (``sumie export``): weights and config, no training state
         if ckpt is None:
             raise CheckpointError(f"{path} holds no complete checkpoint (ckpt-*/ with {', '.join(REQUIRED)}); "
                                   "train first with `sumie train --out DIR`")

@@ -170,8 +170,8 @@ def run_diffusers(scheduler, denoiser, z: torch.Tensor, steps: int, *, seed: int
                   callback=None, variance_noise=None, step_kwargs: dict | None = None) -> tuple[torch.Tensor, int]:
     """Run a diffusers scheduler as its pipelines do, on a sumie denoiser: the network it sees is
     the eps-prediction ``eps(x_vp, t) = (x - D(x; sigma_t)) / sigma_t`` with x = x_vp sqrt(1 + sigma_t^2)
-    and sigma_t interpolated log-linearly in the scheduler's own table. Initial sample
-    z * init_noise_sigma as in diffusers' pipelines; ``variance_noise(x)``, if given, supplies the
+    and sigma_t interpolated log-linearly in the scheduler's own table, from the initial sample
+    of a VP sampler (unit noise z); ``variance_noise(x)``, if given, supplies the
     noise of schedulers that accept it. Returns (final sample, NFE)."""
     scheduler.set_timesteps(steps)
     table = diffusers_table(scheduler)
@@ -184,7 +184,12 @@ def run_diffusers(scheduler, denoiser, z: torch.Tensor, steps: int, *, seed: int
         x_ve = x_in.double() * (1 + sigma**2).sqrt()
         return ((x_ve - denoiser(x_ve, sigma.expand(x_in.shape[0]))) / sigma).to(x_in.dtype)
 
-    x = z * scheduler.init_noise_sigma
+    # the same initial noise for every solver: unit VP noise z, i.e. x = z sqrt(1 + sigma_0^2) in VE form
+    # (diffusers' own pipelines start its Euler-type schedulers at z * sigma_0 for linspace/trailing)
+    if float(scheduler.init_noise_sigma) != 1.0:  # VE-form scheduler
+        x = z * (1 + scheduler.sigmas[0].double() ** 2).sqrt().to(z.dtype)
+    else:
+        x = z
     kwargs = dict(step_kwargs or {})
     if seed is not None and "generator" in inspect.signature(scheduler.step).parameters:
         kwargs["generator"] = torch.Generator().manual_seed(seed)
@@ -260,8 +265,9 @@ def _steps_within(target: int, nfe_of) -> tuple[int, int] | None:
     return best
 
 
-def benchmark(nfes=NFES, samples: int = 512, sde_samples: int = 2048, seed: int = 0, diffusers: bool = True,
-              schedules=SCHEDULES, sumie_ode=SUMIE_ODE, sumie_sde=SUMIE_SDE, log=print) -> dict:
+def benchmark(nfes=NFES, samples: int = 2048, sde_samples: int = 2048, seed: int = 0, diffusers: bool = True,
+              schedules=SCHEDULES, sumie_ode=SUMIE_ODE, sumie_sde=SUMIE_SDE, diffusers_ode=None, diffusers_sde=None,
+              log=print) -> dict:
     """Every sampler x schedule x NFE budget on the Gaussian-mixture problem, sumie and diffusers.
 
     Deterministic samplers: RMS error of the final sample against the exact PF-ODE solution
@@ -311,14 +317,16 @@ def benchmark(nfes=NFES, samples: int = 512, sde_samples: int = 2048, seed: int 
         log(f"sumie {sampler}: done")
 
     if diffusers:
-        rows += _diffusers_rows(gmm, z, ref, zs, truth, nfes, seed, log)
+        rows += _diffusers_rows(gmm, z, ref, zs, truth, nfes, seed, log,
+                                DIFFUSERS_ODE if diffusers_ode is None else diffusers_ode,
+                                DIFFUSERS_SDE if diffusers_sde is None else diffusers_sde)
     return dict(problem=dict(dim=gmm.dim, components=len(gmm.weights), samples=samples, sde_samples=sde_samples,
                              sigma_min=smin, sigma_max=smax, reference_self_check=rms(ref[:256], ref_check),
                              sw_floor=floor),
                 rows=rows)
 
 
-def _diffusers_rows(gmm, z, ref, zs, truth, nfes, seed, log) -> list[dict]:
+def _diffusers_rows(gmm, z, ref, zs, truth, nfes, seed, log, ode_list, sde_list) -> list[dict]:
     import warnings
 
     import diffusers
@@ -335,7 +343,7 @@ def _diffusers_rows(gmm, z, ref, zs, truth, nfes, seed, log) -> list[dict]:
     def probe(cls, config, steps, stochastic):
         return one(cls, config, steps, z[:1], stochastic)[1]
 
-    for cls, label, base in DIFFUSERS_ODE:
+    for cls, label, base in ode_list:
         for opt_label, opt in _diffusers_options(getattr(diffusers, cls)):
             config = {**base, **opt}
             for target in nfes:
@@ -351,7 +359,7 @@ def _diffusers_rows(gmm, z, ref, zs, truth, nfes, seed, log) -> list[dict]:
                 rows.append(dict(lib="diffusers", kind="ode", sampler=label, schedule=opt_label, target=target,
                                  nfe=nfe, steps=got[0], error=err if math.isfinite(err) else float("nan")))
         log(f"diffusers {label}: done")
-    for cls, label, config in DIFFUSERS_SDE:
+    for cls, label, config in sde_list:
         for target in nfes:
             try:
                 got = _steps_within(target, lambda s: probe(cls, config, s, True))
@@ -367,13 +375,14 @@ def _diffusers_rows(gmm, z, ref, zs, truth, nfes, seed, log) -> list[dict]:
     return rows
 
 
-def fit_schedule(samplers=("uni_pc",), steps: int = 10, samples: int = 256, seed: int = 100, init=None,
-                 maxiter: int = 4000, log=print) -> list[float]:
+def fit_schedule(samplers=("uni_pc", "uni_pc_bh2"), steps: int = 10, samples: int = 2048, seed: int = 100,
+                 init=None, free_end: bool = True, maxiter: int = 3000, log=print) -> list[float]:
     """Fit a few-step schedule on the Gaussian-mixture problem, in the spirit of Sabour et al. 2024
-    ("Align Your Steps"): the interior noise levels (as fractions of log(sigma_max/sigma_min),
-    endpoints fixed) that minimise the mean log RMS error of ``samplers`` at ``steps`` steps
-    against the exact solution, by Nelder-Mead (scipy) on noise held apart from the benchmark's.
-    Returns the steps fractions u_0 = 1 > ... > u_{steps-1} = 0 for :func:`fitted_sigmas`."""
+    ("Align Your Steps"): the noise levels (as fractions of log(sigma_max/sigma_min); the first
+    fixed at sigma_max, the last at sigma_min unless ``free_end``) that minimise the mean log RMS
+    error of ``samplers`` at ``steps`` steps against the exact solution, by Nelder-Mead (scipy),
+    on noise drawn apart from the benchmark's. Returns the fractions u_0 = 1 > ... > u_{steps-1} >= 0
+    that :func:`sumie.diffusion.schedules.fitted_sigmas` takes."""
     import numpy as np
     from scipy.optimize import minimize
 
@@ -386,16 +395,123 @@ def fit_schedule(samplers=("uni_pc",), steps: int = 10, samples: int = 256, seed
     ref = exact_solution(gmm, z * math.sqrt(1 + smax**2), smax)
 
     def fractions(p):
-        gaps = np.logaddexp(0, p)  # softplus: positive gaps in log-sigma
+        gaps = np.logaddexp(0, p[: steps - 1])  # softplus: positive gaps in log-sigma
         u = 1 - np.concatenate([[0], np.cumsum(gaps)]) / gaps.sum()
+        if free_end:
+            end = 0.3 / (1 + np.exp(-p[-1]))  # the last level may sit above sigma_min
+            u = end + (1 - end) * u
         return u
 
     def loss(p):
         sig = fitted_sigmas(steps, smin, smax, fractions(p))
         return float(np.mean([math.log(rms(run_sumie(gmm, z, s, sig)[0], ref)) for s in samplers]))
 
-    p0 = np.zeros(steps - 1) if init is None else np.log(np.expm1(np.maximum(-np.diff(init), 1e-6)))
+    if init is None:
+        p0 = np.zeros(steps - 1)
+    else:
+        u0 = np.asarray(init, dtype=float)
+        u0 = (u0 - u0[-1]) / (u0[0] - u0[-1])
+        p0 = np.log(np.expm1(np.maximum(-np.diff(u0), 1e-6)))
+    if free_end:
+        p0 = np.concatenate([p0, [-6.0]])
     log(f"fit_schedule: start loss {loss(p0):.4f}")
-    res = minimize(loss, p0, method="Nelder-Mead", options=dict(maxiter=maxiter, xatol=1e-4, fatol=1e-6))
+    res = minimize(loss, p0, method="Nelder-Mead", options=dict(maxiter=maxiter, xatol=1e-4, fatol=1e-6,
+                                                                 adaptive=True))
     log(f"fit_schedule: loss {res.fun:.4f} after {res.nfev} evaluations")
     return [round(float(v), 5) for v in fractions(res.x)]
+
+
+# ---------------------------------------------------------------------------
+# Reporting
+# ---------------------------------------------------------------------------
+
+def best_rows(rows: list[dict], lib: str, kind: str = "ode") -> dict[int, dict]:
+    """For each NFE budget, the row with the lowest error of ``lib``."""
+    best: dict[int, dict] = {}
+    for r in rows:
+        if r["lib"] == lib and r["kind"] == kind and math.isfinite(r["error"]):
+            if r["target"] not in best or r["error"] < best[r["target"]]["error"]:
+                best[r["target"]] = r
+    return dict(sorted(best.items()))
+
+
+def format_tables(result: dict, markdown: bool = False) -> str:
+    """The error tables: one row per (library, sampler, schedule), one column per NFE budget,
+    then the best of each library per budget and their ratio."""
+    rows = result["rows"]
+    nfes = sorted({r["target"] for r in rows})
+    sep = " | " if markdown else "  "
+
+    def line(cells, widths, left=(0, 1, 2)):
+        text = sep.join(str(c).ljust(w) if i in left else str(c).rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+        return f"| {text} |" if markdown else text
+
+    out = []
+    for kind, what in (("ode", "RMS error of the final sample against the exact PF-ODE solution"),
+                       ("sde", "sliced Wasserstein-2 distance to the mixture "
+                               f"(floor between two true sample sets: {result['problem']['sw_floor']:.4f})")):
+        table: dict[tuple, dict[int, float]] = {}
+        for r in rows:
+            if r["kind"] == kind:
+                table.setdefault((r["lib"], r["sampler"], r["schedule"]), {})[r["target"]] = r["error"]
+        if not table:
+            continue
+        widths = [9, 20, 12] + [9] * len(nfes)
+        out.append(f"\n{'Deterministic' if kind == 'ode' else 'Stochastic'} samplers: {what}, by NFE budget\n")
+        out.append(line(["library", "sampler", "schedule"] + [f"NFE {n}" for n in nfes], widths))
+        if markdown:
+            out.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+        for key in sorted(table):
+            out.append(line(list(key) + [f"{table[key][n]:.2e}" if n in table[key] else "-" for n in nfes], widths))
+        b_s, b_d = best_rows(rows, "sumie", kind), best_rows(rows, "diffusers", kind)
+        if b_s and b_d:
+            out.append(f"\nBest per NFE budget ({'RMS error' if kind == 'ode' else 'SW distance'}):\n")
+            w2 = [5, 34, 10, 38, 10, 8]
+            out.append(line(["NFE", "sumie best", "error", "diffusers best", "error", "ratio"], w2, (1, 3)))
+            if markdown:
+                out.append("|" + "|".join("-" * (w + 2) for w in w2) + "|")
+            for n in nfes:
+                if n in b_s and n in b_d:
+                    s_, d_ = b_s[n], b_d[n]
+                    out.append(line([n, f"{s_['sampler']} + {s_['schedule']}", f"{s_['error']:.3e}",
+                                     f"{d_['sampler']} + {d_['schedule']}", f"{d_['error']:.3e}",
+                                     f"{s_['error'] / d_['error']:.2f}"], w2, (1, 3)))
+    return "\n".join(out)
+
+
+def write_plot(result: dict, path) -> None:
+    """Log-log error against NFE: each sampler at the schedule that is best for it at NFE 10
+    (solid: sumie, dashed: diffusers); stochastic samplers' SW distance in a second panel."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    fig, axes = plt.subplots(1, 2, figsize=(15, 6.5))
+    for ax, kind in zip(axes, ("ode", "sde")):
+        series: dict[tuple, dict[str, dict[int, float]]] = {}
+        for r in rows:
+            if r["kind"] == kind and math.isfinite(r["error"]):
+                series.setdefault((r["lib"], r["sampler"]), {}).setdefault(r["schedule"], {})[r["target"]] = r["error"]
+        for (lib, sampler), by_schedule in sorted(series.items()):
+            def score(item):
+                errs = item[1]
+                return errs.get(10, min(errs.values()))
+            schedule, errs = min(by_schedule.items(), key=score)
+            xs = sorted(errs)
+            ax.plot(xs, [errs[x] for x in xs], "-" if lib == "sumie" else "--", marker="o" if lib == "sumie" else "x",
+                    ms=3, lw=1.2, label=f"{lib}: {sampler} ({schedule})")
+        if kind == "sde":
+            ax.axhline(result["problem"]["sw_floor"], color="k", lw=0.8, ls=":", label="two true sample sets")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("NFE (denoiser calls)")
+        ax.set_ylabel("RMS error vs exact PF-ODE solution" if kind == "ode" else "sliced W2 to the mixture")
+        ax.set_title("deterministic samplers" if kind == "ode" else "stochastic samplers")
+        ax.grid(True, which="both", lw=0.3)
+        ax.legend(fontsize=6, ncol=2)
+    fig.suptitle("Sampler accuracy on a Gaussian mixture (8-D, 6 components, SD schedule)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

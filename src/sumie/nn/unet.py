@@ -22,6 +22,15 @@ from torch import nn
 from .layers import Downsample, ResBlock, SpatialTransformer, Upsample, group_norm, timestep_embedding, zero_module
 
 
+def _per_level(values, n: int) -> tuple[int, ...]:
+    """A per-level tuple; a uniform one (as a resolved config stores an int) follows the level count,
+    so overriding ``channel_mult`` alone keeps working on a dumped config."""
+    values = tuple(values)
+    if len(values) != n and len(set(values)) == 1:
+        return values[:1] * n
+    return values
+
+
 @dataclass
 class UNetConfig:
     """Hyper-parameters of :class:`UNet` (names follow latent diffusion's ``UNetModel``)."""
@@ -58,8 +67,8 @@ class UNetConfig:
             self.num_res_blocks = (self.num_res_blocks,) * n
         if isinstance(self.transformer_depth, int):
             self.transformer_depth = (self.transformer_depth,) * n
-        self.num_res_blocks = tuple(self.num_res_blocks)
-        self.transformer_depth = tuple(self.transformer_depth)
+        self.num_res_blocks = _per_level(self.num_res_blocks, n)
+        self.transformer_depth = _per_level(self.transformer_depth, n)
         if len(self.num_res_blocks) != n or len(self.transformer_depth) != n:
             raise ValueError("num_res_blocks and transformer_depth need one entry per channel_mult level")
         if self.transformer_depth_middle is None:

@@ -25,9 +25,12 @@ from ..diffusion.losses import DiffusionLoss
 from ..diffusion.precond import Denoiser
 from ..diffusion.schedules import LogNormalSigma, UniformTimestepSigma
 from ..image import make_grid, save_png, to_uint8, upscale
+from ..latent import decode_samples, training_space
 from ..io.checkpoint import (CheckpointError, latest_checkpoint, load_tensors, prune_checkpoints, read_json,
                              write_checkpoint)
-from ..models import build_denoiser, load_state_strict
+from ..models import (TEXT_FILES, build_denoiser, build_text_encoder, caption_corpus, check_conditioning,
+                      load_state_strict)
+from ..text.small import WordTokenizer, text_cond
 from ..pipeline import class_cond, sample
 from .ema import EMA
 
@@ -91,7 +94,15 @@ def dataset_for(d: DataConfig) -> Dataset:
 
         if not d.path:
             raise ValueError("data.kind = 'folder' needs data.path, the folder of images")
-        return ImageFolderDataset(d.path, d.resolution, random_flip=d.random_flip, seed=d.seed)
+        folder = ImageFolderDataset(d.path, d.resolution, random_flip=d.random_flip, seed=d.seed, split=d.split)
+        if d.shapes_fraction <= 0:
+            return folder
+        from ..data.mix import FolderWithShapes
+        from ..data.shapes import ShapesConfig, ShapesDataset
+
+        shapes = ShapesDataset(ShapesConfig(resolution=d.resolution, background=d.background,
+                                            max_objects=d.max_objects, seed=d.seed))
+        return FolderWithShapes(folder, shapes, d.shapes_fraction)
     raise ValueError(f"unknown data kind {d.kind!r}; valid: shapes, folder")
 
 
@@ -104,15 +115,21 @@ def make_loss(config: RunConfig, denoiser: Denoiser) -> DiffusionLoss:
     return DiffusionLoss(sampler, d.loss_weighting, d.min_snr_gamma, d.noise_offset)
 
 
-def batch_to_cond(config: RunConfig, batch: dict, device, generator: torch.Generator) -> dict | None:
-    """Condition dict for a batch, with condition dropout (p = cond_drop_prob) for CFG."""
-    if config.model.num_classes is None or config.data.conditioning == "none":
+def batch_to_cond(config: RunConfig, batch: dict, device, generator: torch.Generator,
+                  text_encoder=None) -> dict | None:
+    """Condition dict for a batch, with condition dropout (p = cond_drop_prob) for CFG: a dropped
+    class becomes the null class, a dropped caption the empty prompt."""
+    kind = config.data.conditioning
+    if kind == "none":
         return None
-    labels = batch["label"].to(device).long()
+    n = batch["x"].shape[0]
     p = config.train.cond_drop_prob
-    if p > 0:
-        drop = torch.rand(labels.shape[0], generator=generator) < p
-        labels = torch.where(drop.to(device), torch.full_like(labels, -1), labels)
+    drop = torch.rand(n, generator=generator) < p if p > 0 else torch.zeros(n, dtype=torch.bool)
+    if kind == "caption":
+        captions = ["" if d else c for c, d in zip(batch["caption"], drop.tolist())]
+        return text_cond(text_encoder, captions)
+    labels = batch["label"].to(device).long()
+    labels = torch.where(drop.to(device), torch.full_like(labels, -1), labels)
     return class_cond(labels, device)
 
 
@@ -169,11 +186,21 @@ class Trainer:
         self.device = resolve_device(t.device)
         if t.num_threads:
             torch.set_num_threads(t.num_threads)
+        check_conditioning(config)
+        self.space = training_space(config, self.run_dir, resume=resume, device=self.device)  # pixels or latents
         self.dataset: Dataset = dataset_for(config.data)
         torch.manual_seed(t.seed)
         self.denoiser = build_denoiser(config).to(self.device)
         self.ema = EMA(self.denoiser.net, t.ema_decay)
-        self.opt = torch.optim.AdamW(self.denoiser.net.parameters(), lr=t.lr, betas=tuple(t.adam_betas),
+        self.text = self.text_ema = None
+        if config.text.kind != "none":  # trained with the U-Net; its vocabulary is read off the captions
+            ckpt = latest_checkpoint(self.run_dir) if resume else None
+            tok_file = ckpt / TEXT_FILES["tokenizer"] if ckpt is not None else None
+            tokenizer = (WordTokenizer.load(tok_file) if tok_file is not None and tok_file.is_file() else
+                         WordTokenizer.build(caption_corpus(self.dataset), config.text.max_length))
+            self.text = build_text_encoder(config, tokenizer).to(self.device)
+            self.text_ema = EMA(self.text, t.ema_decay)
+        self.opt = torch.optim.AdamW(self.trainable_parameters(), lr=t.lr, betas=tuple(t.adam_betas),
                                      weight_decay=t.weight_decay)
         self.loss_fn = make_loss(config, self.denoiser)
         self.amp_dtype = autocast_dtype(t.precision, self.device)
@@ -188,6 +215,9 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.json").write_text(config.to_json())
 
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return list(self.denoiser.net.parameters()) + (list(self.text.parameters()) if self.text else [])
+
     # -- state ---------------------------------------------------------------
     def _resume(self) -> None:
         ckpt = latest_checkpoint(self.run_dir)
@@ -199,6 +229,9 @@ class Trainer:
                                   "resume with the run's own config (omit --preset/--config)")
         load_state_strict(self.denoiser.net, load_tensors(ckpt / "model.safetensors"), str(ckpt))
         load_state_strict(self.ema.shadow, load_tensors(ckpt / "ema.safetensors"), str(ckpt))
+        if self.text is not None:
+            load_state_strict(self.text, load_tensors(ckpt / TEXT_FILES["model"]), str(ckpt))
+            load_state_strict(self.text_ema.shadow, load_tensors(ckpt / TEXT_FILES["ema"]), str(ckpt))
         state = read_json(ckpt / "state.json")
         tensors = load_tensors(ckpt / "state.safetensors")
         _load_optimizer(self.opt, tensors, state["param_groups"])
@@ -207,19 +240,26 @@ class Trainer:
         torch.set_rng_state(tensors["rng.torch"])
         self.step, self.elapsed = state["step"], state["elapsed_s"]
         self.ema.num_updates = state["ema_updates"]
+        if self.text_ema is not None:
+            self.text_ema.num_updates = state["ema_updates"]
 
     def save(self) -> Path:
         opt_tensors, groups = _optimizer_tensors(self.opt)
         opt_tensors.update({"rng.noise": self.noise_gen.get_state(), "rng.cond": self.cond_gen.get_state(),
                             "rng.torch": torch.get_rng_state()})
-        path = write_checkpoint(self.run_dir, self.step, {
+        files = {
             "model.safetensors": self.denoiser.net.state_dict(),
             "ema.safetensors": self.ema.shadow.state_dict(),
             "state.safetensors": opt_tensors,
             "state.json": {"step": self.step, "elapsed_s": self.elapsed, "ema_updates": self.ema.num_updates,
                            "param_groups": groups},
             "config.json": self.config.to_dict(),
-        })
+        }
+        if self.text is not None:
+            files[TEXT_FILES["model"]] = self.text.state_dict()
+            files[TEXT_FILES["ema"]] = self.text_ema.shadow.state_dict()
+            files[TEXT_FILES["tokenizer"]] = self.text.tokenizer.to_json()
+        path = write_checkpoint(self.run_dir, self.step, files)
         prune_checkpoints(self.run_dir, self.config.train.keep_checkpoints)
         return path
 
@@ -244,18 +284,25 @@ class Trainer:
     def get_batch(self, step: int, micro: int) -> dict:
         t = self.config.train
         start = (step * t.grad_accum + micro) * t.batch_size
-        return default_collate([self.dataset[self.order(start + j)] for j in range(t.batch_size)])
+        items = []
+        for j in range(t.batch_size):
+            if hasattr(self.dataset, "set_epoch"):  # flips/crops/scenes are a pure function of (item, epoch)
+                self.dataset.set_epoch((start + j) // len(self.dataset))
+            items.append(self.dataset[self.order(start + j)])
+        return default_collate(items)
 
     def train_step(self) -> float:
         t = self.config.train
         for g in self.opt.param_groups:
             g["lr"] = self.lr_at(self.step)
         self.denoiser.train()
+        if self.text is not None:
+            self.text.train()
         total = 0.0
         for micro in range(t.grad_accum):
             batch = self.get_batch(self.step, micro)
-            x0 = batch["x"].to(self.device)
-            cond = batch_to_cond(self.config, batch, self.device, self.cond_gen)
+            x0 = self.space.encode(batch["x"].to(self.device), generator=self.noise_gen)
+            cond = batch_to_cond(self.config, batch, self.device, self.cond_gen, self.text)
             ctx = (torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else nullcontext())
             with ctx:
                 loss = self.loss_fn(self.denoiser, x0, cond, generator=self.noise_gen).mean() / t.grad_accum
@@ -269,7 +316,7 @@ class Trainer:
         if self.scaler:
             self.scaler.unscale_(self.opt)
         if t.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.denoiser.net.parameters(), t.grad_clip)
+            torch.nn.utils.clip_grad_norm_(self.trainable_parameters(), t.grad_clip)
         if self.scaler:
             self.scaler.step(self.opt)
             self.scaler.update()
@@ -277,6 +324,8 @@ class Trainer:
             self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         self.ema.update(self.denoiser.net)
+        if self.text is not None:
+            self.text_ema.update(self.text)
         self.step += 1
         return total
 
@@ -289,13 +338,20 @@ class Trainer:
     def sample_grid(self) -> Path:
         t, s, d = self.config.train, self.config.sample, self.config.data
         n = t.sample_n
-        cond = None
-        if self.config.model.num_classes is not None and d.conditioning != "none":
+        cond = uncond = None
+        guidance = 1.0
+        if d.conditioning == "class":
             cond = class_cond([i % self.config.model.num_classes for i in range(n)], self.device)
+            uncond, guidance = class_cond([-1] * n, self.device), s.guidance_scale
+        elif d.conditioning == "caption":
+            with torch.no_grad():
+                text = self.text_ema.shadow
+                cond = text_cond(text, [self.dataset[self.order(i)]["caption"] for i in range(n)])
+                uncond, guidance = text_cond(text, [""] * n), s.guidance_scale
         den = self.ema_denoiser()
-        c = self.config.model.in_channels
-        x = sample(den, (c, d.resolution, d.resolution), n, cond=cond, sampler=s.sampler, schedule=s.schedule,
-                   steps=s.steps, rho=s.rho, seed=0)
+        x = sample(den, self.space.latent_shape(d.resolution), n, cond=cond, uncond=uncond, sampler=s.sampler,
+                   schedule=s.schedule, steps=s.steps, rho=s.rho, guidance_scale=guidance, seed=0)
+        x = decode_samples(self.space, x)
         grid = make_grid(to_uint8(x[:, :3]))
         return save_png(self.run_dir / "samples" / f"step-{self.step:07d}.png", upscale(grid, 2))
 

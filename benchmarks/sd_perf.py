@@ -1,0 +1,202 @@
+"""Stable Diffusion 1.5 on CPU: sumie's pipeline against diffusers' StableDiffusionPipeline.
+
+The published SD 1.5 architecture (unet/, vae/ config.json of the released diffusers
+repository; CLIP ViT-L/14 text tower) is built by diffusers with random weights and saved
+once as a diffusers folder; each library then loads that folder in its own subprocess and
+generates one image (CFG, default 20 Euler steps at 512x512) while recording
+
+* seconds per U-Net step (median interval between step callbacks; one step = one batched
+  cond + uncond forward pass),
+* seconds per image (the whole call: text encoding, sampling, VAE decoding),
+* peak resident memory of the process (``VmHWM``: loading included),
+* the U-Net's achieved GFLOP/s: FLOPs of one CFG step counted by ``torch.utils.flop_counter``
+  divided by the measured step time.
+
+It prints both rows and the sumie/diffusers ratios. The weights are random, so images are
+noise; speed and memory do not depend on the values. The tokenizer is a small byte-level
+BPE vocabulary (CLIP's is not shipped), which changes nothing about the networks' cost.
+
+    python benchmarks/sd_perf.py [--size 512] [--steps 20] [--threads 1] [--workdir DIR] [--vae-tile 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+PROMPT, NEGATIVE = "a photograph of an astronaut riding a horse", ""
+_SD15_UNET = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, cross_attention_dim=768,
+                  attention_head_dim=8, block_out_channels=[320, 640, 1280, 1280],
+                  down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+                  up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3)
+_SD15_VAE = dict(sample_size=512, block_out_channels=[128, 256, 512, 512], layers_per_block=2, latent_channels=4,
+                 norm_num_groups=32, scaling_factor=0.18215, down_block_types=["DownEncoderBlock2D"] * 4,
+                 up_block_types=["UpDecoderBlock2D"] * 4)
+_CLIP_L = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+               max_position_embeddings=77, hidden_act="quick_gelu", vocab_size=49408)
+_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
+                  timestep_spacing="leading", prediction_type="epsilon")
+
+
+def peak_rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def write_tokenizer(folder: Path) -> None:
+    from sumie.text.clip_tokenizer import BOS, EOS, bytes_to_unicode
+
+    syms = list(bytes_to_unicode().values())
+    vocab = {t: i for i, t in enumerate(syms + [s + "</w>" for s in syms] + [BOS, EOS])}
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    (folder / "special_tokens_map.json").write_text(json.dumps({"bos_token": BOS, "eos_token": EOS, "unk_token": EOS,
+                                                               "pad_token": EOS}))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 77, "pad_token": EOS}))
+
+
+def build(folder: Path) -> None:
+    """The SD 1.5 architecture with random weights, saved by diffusers (safetensors)."""
+    import diffusers
+    import transformers
+
+    torch.manual_seed(0)
+    write_tokenizer(folder / "tokenizer")
+    tok = transformers.CLIPTokenizer(str(folder / "tokenizer" / "vocab.json"), str(folder / "tokenizer" / "merges.txt"),
+                                     pad_token="<|endoftext|>")
+    tok.model_max_length = 77
+    pipe = diffusers.StableDiffusionPipeline(
+        vae=diffusers.AutoencoderKL(**_SD15_VAE),
+        text_encoder=transformers.CLIPTextModel(transformers.CLIPTextConfig(**_CLIP_L)),
+        tokenizer=tok, unet=diffusers.UNet2DConditionModel(**_SD15_UNET),
+        scheduler=diffusers.EulerDiscreteScheduler(**_SCHEDULER), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False)
+    pipe.save_pretrained(folder)
+    write_tokenizer(folder / "tokenizer")  # sumie reads vocab.json + merges.txt
+    del pipe
+
+
+def unet_flops(unet_call) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter, torch.inference_mode():
+        unet_call()
+    return counter.get_total_flops()
+
+
+def worker(lib: str, folder: Path, size: int, steps: int, vae_tile: int | None) -> dict:
+    """Load, generate one image, measure (runs in its own process)."""
+    stamps: list[float] = []
+    latent = size // 8
+    t0 = time.perf_counter()
+    if lib == "sumie":
+        from sumie.pipelines import StableDiffusion
+
+        pipe = StableDiffusion.from_pretrained(folder, vae_tile=vae_tile)
+        load_s = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        pipe(PROMPT, NEGATIVE, steps=steps, guidance_scale=7.5, sampler="euler", seed=0, height=size, width=size,
+             callback=lambda info: stamps.append(time.perf_counter()))
+        image_s = time.perf_counter() - t1
+        rss = peak_rss_mb()
+        unet = pipe.build_unet()
+        x, ctx = torch.randn(2, 4, latent, latent), torch.randn(2, 77, 768)
+        flops = unet_flops(lambda: unet(x, torch.full((2,), 500.0), {"context": ctx}))
+    else:
+        import diffusers
+
+        pipe = diffusers.StableDiffusionPipeline.from_pretrained(folder, safety_checker=None,
+                                                                 requires_safety_checker=False)
+        pipe.scheduler = diffusers.EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+        pipe.set_progress_bar_config(disable=True)
+        if vae_tile:
+            pipe.vae.enable_tiling()
+        load_s = time.perf_counter() - t0
+
+        def on_step(p, i, t, kw):
+            stamps.append(time.perf_counter())
+            return kw
+
+        t1 = time.perf_counter()
+        with torch.inference_mode():
+            pipe(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=steps, guidance_scale=7.5, height=size,
+                 width=size, generator=torch.Generator().manual_seed(0), callback_on_step_end=on_step,
+                 output_type="np")
+        image_s = time.perf_counter() - t1
+        rss = peak_rss_mb()
+        x, ctx = torch.randn(2, 4, latent, latent), torch.randn(2, 77, 768)
+        flops = unet_flops(lambda: pipe.unet(x, torch.full((2,), 500.0), encoder_hidden_states=ctx))
+    # sumie reports before each step, diffusers after: both give steps-1 full step intervals
+    gaps = sorted(b - a for a, b in zip(stamps, stamps[1:]))
+    step_s = gaps[len(gaps) // 2] if gaps else image_s / steps
+    return {"lib": lib, "load_s": load_s, "step_s": step_s, "image_s": image_s, "peak_rss_mb": rss,
+            "unet_gflop_per_step": flops / 1e9, "gflops": flops / 1e9 / step_s}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--size", type=int, default=512, help="image height and width in pixels (multiple of 64)")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads in each worker")
+    ap.add_argument("--workdir", type=Path, default=None, help="keep the saved model here (reused if present)")
+    ap.add_argument("--vae-tile", type=int, default=None, help="tiled VAE decoding with this latent tile size")
+    ap.add_argument("--worker", choices=["sumie", "diffusers"], help=argparse.SUPPRESS)
+    ap.add_argument("--folder", type=Path, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.worker:
+        print("RESULT " + json.dumps(worker(args.worker, args.folder, args.size, args.steps, args.vae_tile)))
+        return 0
+
+    tmp = None
+    if args.workdir is None:
+        tmp = tempfile.TemporaryDirectory(prefix="sd_perf_")
+        args.workdir = Path(tmp.name)
+    folder = args.workdir / "sd15-random"
+    if not (folder / "model_index.json").is_file():
+        print(f"building SD 1.5 (random weights) in {folder} ...", flush=True)
+        subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
+                        f"import sd_perf; from pathlib import Path; sd_perf.build(Path({str(folder)!r}))"], check=True)
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
+    rows = {}
+    for lib in ("sumie", "diffusers"):
+        cmd = [sys.executable, __file__, "--worker", lib, "--folder", str(folder), "--size", str(args.size),
+               "--steps", str(args.steps), "--threads", str(args.threads)]
+        if args.vae_tile:
+            cmd += ["--vae-tile", str(args.vae_tile)]
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
+        if out.returncode or line is None:
+            print(out.stdout[-2000:], out.stderr[-4000:], file=sys.stderr)
+            return 1
+        rows[lib] = json.loads(line[len("RESULT "):])
+    print(f"SD 1.5 architecture, random weights, {args.size}x{args.size}, {args.steps} Euler steps, CFG 7.5, "
+          f"{args.threads} thread(s), torch {torch.__version__}")
+    cols = [("load_s", "load s"), ("step_s", "s/U-Net step"), ("image_s", "s/image"), ("peak_rss_mb", "peak RSS MB"),
+            ("unet_gflop_per_step", "GFLOP/step"), ("gflops", "U-Net GFLOP/s")]
+    print(f"{'':<10}" + "".join(f"{h:>15}" for _, h in cols))
+    for lib, r in rows.items():
+        print(f"{lib:<10}" + "".join(f"{r[k]:>15.3f}" for k, _ in cols))
+    print(f"{'ratio':<10}" + "".join(f"{rows['sumie'][k] / rows['diffusers'][k]:>15.3f}" for k, _ in cols)
+          + "   (sumie / diffusers)")
+    if tmp is not None:
+        tmp.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

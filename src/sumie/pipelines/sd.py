@@ -1,0 +1,260 @@
+"""Stable Diffusion text-to-image (Rombach et al. 2022, "High-Resolution Image Synthesis with
+Latent Diffusion Models") from sumie's own parts.
+
+    prompt -> CLIP conditioner (sumie.text) -> context
+    noise  -> sampler(CFG(DiscreteDenoiser(U-Net))) over the model's sigmas -> latent
+    latent -> / scaling_factor -> VAE decoder -> uint8 image
+
+The checkpoint stays a lazy, memory-mapped :class:`~sumie.io.sd.SDCheckpoint`; each stage
+(text encoders, U-Net, autoencoder) is built when it is needed and freed right after, so
+at most one stage's weights are resident (safetensors pages are mapped, not copied).
+LoRAs are checked against the model when loaded and merged into (or hooked onto) each
+stage as it is built.
+
+The discrete schedule is the one the model was trained on: the betas of the diffusers
+``scheduler_config.json`` (SD's ``scaled_linear`` 0.00085..0.012 for single files), and the
+default sampling timesteps follow its ``timestep_spacing`` and ``steps_offset`` (SD 1.x/2.x:
+"leading" with offset 1: t = 951, 901, ..., 1 for 20 steps), so sumie's Euler and DDIM visit
+the same noise levels as diffusers' ``EulerDiscreteScheduler`` / ``DDIMScheduler``.
+
+Intentional differences from diffusers' ``StableDiffusionPipeline``:
+
+* initial noise: x_T = z * sqrt(1 + sigma_0^2), the VP-consistent start (the std of
+  x0 + sigma_0 eps for unit-variance latents), for every sampler and spacing. diffusers does
+  the same for DDIM and for Euler with "leading" spacing, but starts Euler at z * sigma_0
+  for "linspace"/"trailing" (its ``init_noise_sigma``); pass the same initial latents to
+  compare (the tests do).
+* DDIM ends at sigma = 0 (x0). diffusers' SD scheduler config has ``set_alpha_to_one=False``,
+  which stops its last DDIM step at the noise level of timestep 0 (sigma ~ 0.029) and
+  decodes that slightly noisy latent; ``set_alpha_to_one=True`` matches sumie.
+* the sampler's model input is c_in * x with c_noise = t(sigma) interpolated in log-sigma
+  (k-diffusion's convention); on the scheduler's own timesteps this is t itself.
+* prompts are weighted and split into 75-token windows as in A1111 (``sumie.text.prompt``);
+  for prompts of one window without weights the encoding equals diffusers'.
+* diffusers folders of SD 2.x store OpenCLIP-H cut after its penultimate block and read the
+  stored tower's last block; a folder's tower is read that way whatever its size.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..diffusion.guidance import CFGDenoiser
+from ..diffusion.precond import DiscreteDenoiser
+from ..diffusion.schedules import DiscreteSchedule, append_zero, discrete_sigmas, make_betas, rescale_zero_terminal_snr
+from ..image import to_uint8
+from ..io.checkpoint import CheckpointError
+from ..io.sd import SDCheckpoint, load_sd
+from ..io.sd.lora import LoraDelta, apply_deltas, read_lora, resolve_all
+from ..nn.unet import UNet
+from ..pipeline import resolve_sampling, sigmas_for
+from ..samplers import SAMPLERS, generators_for, randn
+from ..text.clip_tokenizer import ClipTokenizer
+from ..text.conditioner import SDTextConditioner, family_towers
+
+SD_SCHEDULER = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+                "timestep_spacing": "leading", "steps_offset": 1, "rescale_betas_zero_snr": False}
+
+
+def scheduler_schedule(cfg: dict) -> DiscreteSchedule:
+    """The training schedule a diffusers ``scheduler_config.json`` describes."""
+    cfg = {**SD_SCHEDULER, **cfg}
+    if cfg.get("trained_betas"):
+        betas = torch.tensor(cfg["trained_betas"], dtype=torch.float64)
+    else:
+        betas = make_betas(cfg["beta_schedule"], cfg["num_train_timesteps"], cfg["beta_start"], cfg["beta_end"])
+    if cfg["rescale_betas_zero_snr"]:
+        betas = rescale_zero_terminal_snr(betas)
+    return DiscreteSchedule.from_betas(betas)
+
+
+def scheduler_sigmas(schedule: DiscreteSchedule, steps: int, spacing: str = "leading", offset: int = 1) -> torch.Tensor:
+    """The noise levels of diffusers' schedulers for ``steps`` steps: its timestep spacing
+    (with ``steps_offset`` for "leading", as in DDIM/Euler ``set_timesteps``), plus a final 0."""
+    if spacing != "leading" or offset == 0:
+        return discrete_sigmas(schedule, steps, spacing)
+    T = schedule.num_steps
+    if not 1 <= steps <= T:
+        raise ValueError(f"steps must be in 1..{T}, got {steps}")
+    ts = (torch.arange(steps) * (T // steps) + offset).clamp(max=T - 1).flip(0)
+    return append_zero(schedule.sigmas[ts])
+
+
+class StableDiffusion:
+    """Text-to-image with a Stable Diffusion 1.x / 2.x / XL checkpoint (see module docstring)."""
+
+    def __init__(self, checkpoint: SDCheckpoint, *, tokenizer: ClipTokenizer | None = None,
+                 scheduler: dict | None = None, text_folder: Path | None = None, device: str | torch.device = "cpu",
+                 dtype: torch.dtype = torch.float32, vae_tile: int | None = None):
+        if checkpoint.unet_config.in_channels != 4:
+            raise CheckpointError(f"{checkpoint.family.title} (U-Net with {checkpoint.unet_config.in_channels} input "
+                                  "channels) is not a text-to-image model; this pipeline needs a 4-channel U-Net")
+        self.checkpoint = checkpoint
+        self.family = checkpoint.family.name
+        self.tokenizer, self.text_folder = tokenizer, text_folder
+        self.scheduler = {**SD_SCHEDULER, **(scheduler or {})}
+        self.schedule = scheduler_schedule(self.scheduler)
+        self.device, self.dtype = torch.device(device), dtype
+        self.vae_tile = vae_tile  # latent tile size for tiled VAE decoding (None: whole image)
+        self.loras: list[LoraDelta] = []
+        self.merge_loras: list[bool] = []
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, *, vae: str | Path | None = None, allow_pickle: bool = False,
+                        device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                        tokenizer: ClipTokenizer | str | Path | None = None, prediction: str | None = None,
+                        vae_tile: int | None = None) -> "StableDiffusion":
+        """A single file, diffusers folder or sumie folder (:func:`sumie.io.sd.load_sd`). Single
+        files carry no tokenizer: give ``tokenizer`` (a ``tokenizer/`` folder or a ClipTokenizer),
+        else CLIP's BPE file is looked up (``ClipTokenizer.from_openai_bpe``)."""
+        path = Path(path)
+        sd = load_sd(path, allow_pickle=allow_pickle, prediction=prediction, vae=vae)
+        scheduler, text_folder = {}, None
+        if path.is_dir() and (path / "model_index.json").is_file():
+            cfg = path / "scheduler" / "scheduler_config.json"
+            if cfg.is_file():
+                scheduler = json.loads(cfg.read_text())
+            if all((path / s.diffusers).is_dir() for s in family_towers(sd.family.name)):
+                text_folder = path
+        if isinstance(tokenizer, (str, Path)):
+            tokenizer = ClipTokenizer.from_folder(tokenizer)
+        elif tokenizer is None and text_folder is None:
+            tok = path / "tokenizer" if path.is_dir() else None
+            tokenizer = ClipTokenizer.from_folder(tok) if tok is not None and tok.is_dir() else \
+                ClipTokenizer.from_openai_bpe()
+        return cls(sd, tokenizer=tokenizer, scheduler=scheduler, text_folder=text_folder, device=device, dtype=dtype,
+                   vae_tile=vae_tile)
+
+    # ------------------------------------------------------------ stages
+
+    def build_text(self) -> SDTextConditioner:
+        """The CLIP conditioner, with LoRAs applied."""
+        kw = dict(dtype=self.dtype, device=self.device)
+        if self.text_folder is not None:
+            cond = SDTextConditioner.from_diffusers(self.family, self.text_folder, **kw)
+            if self.tokenizer is not None:
+                for e, spec in zip(cond.encoders, family_towers(self.family)):
+                    e.tokenizer = self.tokenizer.with_padding(spec.pad_with_eos)
+            if self.family.startswith("sd2"):  # the folder's tower is already cut (module docstring)
+                for e in cond.encoders:
+                    if e.tower.config.full_depth is None:
+                        e.tower.config.full_depth = e.tower.config.num_hidden_layers + 1
+        else:
+            specs = family_towers(self.family)
+            missing = [s.diffusers for s in specs if s.diffusers not in self.checkpoint.text_encoders]
+            if missing:
+                raise CheckpointError(f"{self.checkpoint.source} holds no text encoder {missing}; load one with "
+                                      "load_sd(..., text_encoders={...})")
+            sd = {}
+            for i, s in enumerate(specs):
+                w = self.checkpoint.text_encoders[s.diffusers].in_layout(s.layout)
+                sd.update({f"{i}.{k}": ref.load() for k, ref in w.items()})
+            cond = SDTextConditioner.from_state_dict(self.family, sd, self.tokenizer,
+                                                     prefixes=tuple(f"{i}." for i in range(len(specs))), **kw)
+        self._apply(self._text_models(cond))
+        return cond
+
+    def _text_models(self, cond: SDTextConditioner) -> dict:
+        return {s.diffusers: e.tower for s, e in zip(family_towers(self.family), cond.encoders)}
+
+    def build_unet(self, meta: bool = False) -> UNet:
+        """The U-Net (on the meta device: structure only, for checking LoRAs), with LoRAs applied."""
+        if meta:
+            with torch.device("meta"):
+                return UNet(self.checkpoint.unet_config)
+        unet = self.checkpoint.build_unet(self.dtype, self.device)
+        self._apply({"unet": unet})
+        return unet
+
+    def _apply(self, models: dict) -> None:
+        for merge in (True, False):
+            deltas = [d for d, m in zip(self.loras, self.merge_loras) if m == merge and d.component in models]
+            if deltas:
+                apply_deltas(models, deltas, merge=merge, backup=False)
+
+    def load_lora(self, path: str | Path, strength: float = 1.0, merge: bool = True) -> int:
+        """Read a LoRA (kohya or diffusers/PEFT layout, :mod:`sumie.io.sd.lora`), check every key
+        against this model now, and apply it to each stage it touches from the next call on;
+        several LoRAs add up. Returns the number of layers it adapts."""
+        lora = read_lora(path)
+        models = {"unet": self.build_unet(meta=True)}
+        if any(c != "unet" for c, _ in lora.pairs):
+            cond = self.build_text_plain()
+            models.update(self._text_models(cond))
+        deltas = resolve_all(models, [(lora, strength)])
+        self.loras += deltas
+        self.merge_loras += [merge] * len(deltas)
+        return len(deltas)
+
+    def build_text_plain(self) -> SDTextConditioner:
+        saved, self.loras, self.merge_loras = (self.loras, self.merge_loras), [], []
+        try:
+            return self.build_text()
+        finally:
+            self.loras, self.merge_loras = saved
+
+    def clear_loras(self) -> None:
+        self.loras, self.merge_loras = [], []
+
+    # ------------------------------------------------------------ sampling
+
+    def sigmas(self, steps: int, schedule: str | None = None, denoiser: DiscreteDenoiser | None = None) -> torch.Tensor:
+        """The sampling noise levels: the scheduler config's spacing by default, else a sumie schedule."""
+        if schedule is None:
+            return scheduler_sigmas(self.schedule, steps, self.scheduler["timestep_spacing"],
+                                    int(self.scheduler["steps_offset"]))
+        return sigmas_for(denoiser, schedule, steps)
+
+    def initial_noise(self, n: int, height: int, width: int, sigma_max: float, seed: int) -> torch.Tensor:
+        """x_T = z * sqrt(1 + sigma_max^2), z ~ N(0, I) per sample from seeds seed .. seed+n-1; (n, C, h, w)."""
+        f = self.checkpoint.vae_config.downsampling_factor
+        c = self.checkpoint.unet_config.in_channels
+        z = randn((n, c, height // f, width // f), generators_for(seed, n))
+        return z * (1 + sigma_max**2) ** 0.5
+
+    @torch.inference_mode()
+    def __call__(self, prompt: str | list[str], negative_prompt: str | list[str] = "", *, n: int = 1, steps: int = 20,
+                 guidance_scale: float = 7.5, sampler: str = "euler", schedule: str | None = None, seed: int = 0,
+                 height: int | None = None, width: int | None = None, callback: Callable | None = None,
+                 eta: float | None = None) -> torch.Tensor:
+        """Images (n, H, W, 3) uint8; image i is seeded with seed + i. A list of prompts gives one
+        image per prompt (n is then ignored)."""
+        prompts = [prompt] * n if isinstance(prompt, str) else list(prompt)
+        negs = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
+        n = len(prompts)
+        res = self.checkpoint.resolution
+        height, width = height or res, width or res
+        mult = self.checkpoint.vae_config.downsampling_factor * 2 ** (len(self.checkpoint.unet_config.channel_mult) - 1)
+        if height % mult or width % mult:
+            raise ValueError(f"height and width must be multiples of {mult} for this model, got {height}x{width}")
+
+        text = self.build_text()  # stage 1: text
+        c, u = text.encode_pair(prompts, negs)
+        size = dict(original_size=(height, width), target_size=(height, width))
+        cond, uncond = text.unet_cond(c, **size), text.unet_cond(u, **size)
+        del text, c, u
+        gc.collect()
+
+        unet = self.build_unet()  # stage 2: denoising
+        denoiser = DiscreteDenoiser(unet, self.schedule, self.checkpoint.prediction)
+        sampler, schedule = resolve_sampling(sampler, schedule, default_schedule=None)
+        sigmas = self.sigmas(steps, schedule, denoiser).to(torch.float32)
+        x = self.initial_noise(n, height, width, float(sigmas[0]), seed).to(self.device, self.dtype)
+        model = CFGDenoiser(denoiser, uncond, guidance_scale) if guidance_scale != 1.0 else denoiser
+        kw = {"eta": eta} if eta is not None else {}
+        latent = SAMPLERS[sampler](model, x, sigmas.to(self.device), cond=cond, callback=callback,
+                                   generator=generators_for(seed, n), **kw)
+        del model, denoiser, unet, cond, uncond
+        gc.collect()
+
+        vae = self.checkpoint.build_vae(self.dtype, self.device)  # stage 3: pixels
+        z = vae.from_latent(latent.to(self.dtype))
+        image = vae.decode_tiled(z, self.vae_tile, self.vae_tile // 8) if self.vae_tile else vae.decode(z)
+        del vae
+        gc.collect()
+        return torch.from_numpy(to_uint8(image))
