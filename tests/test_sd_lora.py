@@ -6,7 +6,8 @@ is converted by diffusers (``StableDiffusionPipeline.lora_state_dict`` then its 
 conversion; diffusers needs the ``peft`` package only to *inject* adapters, not to convert
 them) and merged into the diffusers U-Net and the transformers text model as
 W += alpha/r * B @ A. sumie reads the kohya file and the converted files and must give the
-same outputs (1e-4 relative, float32), merged or as hooks.
+same outputs (1e-4 relative, float32), merged or as hooks. With ``peft`` installed, diffusers'
+own ``load_lora_weights`` (PEFT injection) is a second oracle.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 from diffusers.utils.state_dict_utils import (convert_all_state_dict_to_peft,  # noqa: E402
                                               convert_unet_state_dict_to_peft)
-from test_sd_checkpoints import TINY_UNETS, _perturb  # noqa: E402
+from test_sd_checkpoints import TINY_UNETS, TINY_VAE, _perturb  # noqa: E402
 from test_text_clip import published_layout  # noqa: E402
 
 torch.set_num_threads(1)
@@ -275,3 +276,39 @@ def test_wrong_family_is_refused_and_nothing_is_applied(models, tmp_path):
     half = {k: v for k, v in good.items() if not k.endswith("lora_up.weight")}
     with pytest.raises(CheckpointError, match="no matching up weight"):
         read_lora(half)
+
+
+def diffusers_loaded(models, lora: dict[str, torch.Tensor], strength: float):
+    """diffusers' own LoRA loading (its key conversion, then PEFT injection with the file's
+    alphas) into copies of the reference models, at ``strength``."""
+    import copy
+
+    ref_unet, ref_text = (copy.deepcopy(m) for m in models)
+    pipe = diffusers.StableDiffusionPipeline(vae=diffusers.AutoencoderKL(**TINY_VAE), text_encoder=ref_text,
+                                             tokenizer=None, unet=ref_unet, scheduler=diffusers.DDIMScheduler(),
+                                             safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.load_lora_weights(dict(lora), adapter_name="lora")
+    pipe.set_adapters(["lora"], adapter_weights=[strength])
+    return ref_unet, ref_text
+
+
+@pytest.mark.parametrize("layout", ["kohya", "peft"])
+def test_diffusers_peft_loading_agrees(models, tmp_path, layout):
+    """diffusers' ``load_lora_weights`` (PEFT adapters on the live modules) as the oracle for a
+    kohya file (alpha 2, rank 4) and a PEFT-named file, U-Net and text encoder, strength 0.7.
+    One alpha for all layers: diffusers 0.42 with peft 0.21 drops per-layer kohya alphas of
+    attention and text-encoder layers ("alpha_pattern keys did not match any targeted module")
+    and scales them by the most common alpha; per-layer alphas are checked by hand above."""
+    pytest.importorskip("peft")
+    ref_unet, ref_text = models
+    kohya = {k: torch.tensor(2.0) if k.endswith(".alpha") else v
+             for k, v in random_kohya(ref_unet, ref_text, seed=6, skip=DIFFUSERS_SKIP).items()}
+    lora = kohya if layout == "kohya" else diffusers_peft(kohya)[0]
+    save_tensors(tmp_path / "lora.safetensors", lora)
+    expected = outputs_ref(*diffusers_loaded(models, lora, 0.7))
+    # diffusers applied the LoRA to both models
+    assert all(rel_err(a, b) > 1e-2 for a, b in zip(outputs(sumie_models(models)), expected))
+    for merge in (True, False):
+        ours = sumie_models(models)
+        apply_loras(ours, [(tmp_path / "lora.safetensors", 0.7)], merge=merge)
+        check(outputs(ours), expected)

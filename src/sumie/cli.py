@@ -51,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]",
                    help="Stable Diffusion models: a kohya or diffusers/PEFT LoRA file (repeatable)")
     p.add_argument("--vae", default=None, help="Stable Diffusion models: a separate VAE file")
+    p.add_argument("--text-encoder", action="append", default=[], metavar="[SLOT=]FILE",
+                   help="Stable Diffusion models: replace a text encoder (slot text_encoder by default; SDXL's "
+                        "OpenCLIP-bigG is text_encoder_2=FILE); repeatable")
     p.add_argument("--tokenizer", default=None, help="Stable Diffusion single files: a CLIP tokenizer/ folder")
     p.add_argument("--width", type=int, default=None, help="Stable Diffusion models: image width")
     p.add_argument("--height", type=int, default=None, help="Stable Diffusion models: image height")
@@ -115,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prediction", choices=["eps", "v"], default=None,
                    help="override the detected prediction target (SD 2.x 768 models are v)")
     p.add_argument("--vae", default=None, help="replace the checkpoint's VAE with this file")
+    p.add_argument("--text-encoder", action="append", default=[], metavar="[SLOT=]FILE",
+                   help="replace a text encoder (slot text_encoder by default, or text_encoder_2=FILE); repeatable")
     p.add_argument("--half", action="store_true", help="write floating-point tensors as float16")
 
     p = sub.add_parser("data", help="build a captioned image folder (metadata.jsonl) to train on")
@@ -173,27 +178,35 @@ def _prompt_conds(args, encoder) -> tuple[dict, dict]:
         return text_cond(encoder, [prompt] * args.n), text_cond(encoder, [args.negative_prompt] * args.n)
 
 
-def cmd_train(args) -> int:
-    from .config import resolve
-    from .train.loop import train
+def _training_config(args, from_dict, resolve, default_preset: str, what: str):
+    """The config of `sumie train` / `train-vae`: preset + file + --set overrides; on a bare --resume,
+    the run's own config.json (+ overrides such as a new --max-steps)."""
+    from .config import merge, parse_override
+    from .io.checkpoint import read_json
 
     overrides = list(args.overrides)
     if args.max_steps is not None:
         overrides.append(f"train.max_steps={args.max_steps}")
     if args.time_budget is not None:
         overrides.append(f"train.time_budget_s={args.time_budget}")
-    if args.resume and args.preset is None and args.config is None:
-        from .config import from_dict, merge, parse_override
-        from .io.checkpoint import read_json
+    if not (args.resume and args.preset is None and args.config is None):
+        return resolve(args.preset or default_preset, args.config, overrides)
+    cfg_path = Path(args.out) / "config.json"
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"--resume: {cfg_path} not found; is {args.out} a {what}?")
+    config = from_dict(read_json(cfg_path))
+    for o in overrides:
+        config = merge(config, parse_override(o))
+    return config
 
-        cfg_path = Path(args.out) / "config.json"
-        if not cfg_path.is_file():
-            raise FileNotFoundError(f"--resume: {cfg_path} not found; is {args.out} a run folder?")
-        config = from_dict(read_json(cfg_path))
-        for o in overrides:
-            config = merge(config, parse_override(o))
-    else:
-        config = resolve(args.preset or "shapes-32", args.config, overrides)
+
+def cmd_train(args) -> int:
+    from .config import resolve
+    from .train.loop import train
+
+    from .config import from_dict
+
+    config = _training_config(args, from_dict, resolve, "shapes-32", "run folder")
     result = train(config, args.out, resume=args.resume, progress=not args.no_progress)
     print(f"{result.status} at step {result.step} in {result.elapsed_s:.0f}s of training "
           f"({result.images_per_s:.1f} images/s); checkpoints in {result.run_dir}")
@@ -203,8 +216,6 @@ def cmd_train(args) -> int:
 
 
 def cmd_sample(args) -> int:
-    import torch
-
     from .image import make_grid, save_png, to_uint8, upscale
     from .models import load_model, load_text_encoder
     from .pipeline import class_cond, sample
@@ -392,6 +403,19 @@ def _parse_lora(spec: str) -> tuple[str, float]:
         raise ValueError(f"--lora {spec!r}: expected FILE or FILE:STRENGTH (e.g. style.safetensors:0.8)") from None
 
 
+def _parse_text_encoders(specs: list[str]) -> dict[str, str]:
+    """--text-encoder [SLOT=]FILE values -> {slot: file}; a plain FILE is the first slot, text_encoder."""
+    out: dict[str, str] = {}
+    for spec in specs:
+        slot, sep, path = spec.partition("=")
+        if not sep or not slot.isidentifier() or Path(spec).exists():
+            slot, path = "text_encoder", spec
+        if slot in out:
+            raise ValueError(f"--text-encoder: slot {slot} given twice ({out[slot]}, {path})")
+        out[slot] = path
+    return out
+
+
 def _generate_sd(args):
     """Stable Diffusion checkpoints (single file or diffusers folder) through sumie's own SD pipeline."""
     from .generate import Generation
@@ -400,7 +424,8 @@ def _generate_sd(args):
     import time
 
     pipe = StableDiffusion.from_pretrained(args.model, vae=args.vae, tokenizer=args.tokenizer,
-                                           allow_pickle=args.allow_pickle)
+                                           allow_pickle=args.allow_pickle,
+                                           text_encoders=_parse_text_encoders(args.text_encoder))
     for spec in args.lora:
         path, strength = _parse_lora(spec)
         pipe.load_lora(path, strength)
@@ -431,9 +456,9 @@ def cmd_generate(args) -> int:
     if is_sd_model(args.model):
         g, size = _generate_sd(args)
     else:
-        if args.lora or args.vae or args.width or args.height:
-            raise ValueError("--lora, --vae, --width and --height are for Stable Diffusion checkpoints "
-                             "(--model FILE.safetensors or a diffusers folder)")
+        if args.lora or args.vae or args.text_encoder or args.width or args.height:
+            raise ValueError("--lora, --vae, --text-encoder, --width and --height are for Stable Diffusion "
+                             "checkpoints (--model FILE.safetensors or a diffusers folder)")
         model = TextToImage.load(args.model)
         size = f"{model.resolution}x{model.resolution}"
         g = model(args.prompt, args.negative_prompt, n=args.n, seed=args.seed, steps=args.steps,
@@ -496,7 +521,8 @@ def cmd_convert(args) -> int:
     from .io.sd import convert
 
     sd = convert(args.src, args.dst, args.to, allow_pickle=args.allow_pickle, prediction=args.prediction,
-                 vae=args.vae, dtype=torch.float16 if args.half else None)
+                 vae=args.vae, text_encoders=_parse_text_encoders(args.text_encoder),
+                 dtype=torch.float16 if args.half else None)
     print(f"{sd.family.title} ({sd.family.name}, {sd.prediction}-prediction) -> {args.dst} [{args.to}]")
     for note in sd.notes:
         print(f"  {note}")
@@ -592,25 +618,9 @@ def _add_train_vae_parser(sub) -> None:
 
 
 def cmd_train_vae(args) -> int:
-    from .config import merge, parse_override
     from .train.vae import resolve_vae_config, train_vae, vae_config_from_dict
 
-    overrides = list(args.overrides)
-    if args.max_steps is not None:
-        overrides.append(f"train.max_steps={args.max_steps}")
-    if args.time_budget is not None:
-        overrides.append(f"train.time_budget_s={args.time_budget}")
-    if args.resume and args.preset is None and args.config is None:
-        cfg_path = Path(args.out) / "config.json"
-        if not cfg_path.is_file():
-            raise FileNotFoundError(f"--resume: {cfg_path} not found; is {args.out} a train-vae run folder?")
-        from .io.checkpoint import read_json
-
-        config = vae_config_from_dict(read_json(cfg_path))
-        for o in overrides:
-            config = merge(config, parse_override(o))
-    else:
-        config = resolve_vae_config(args.preset or "tiny", args.config, overrides)
+    config = _training_config(args, vae_config_from_dict, resolve_vae_config, "tiny", "train-vae run folder")
     result = train_vae(config, args.out, resume=args.resume, progress=not args.no_progress)
     r = result.report
     print(f"{result.status} at step {result.step} in {result.elapsed_s:.0f}s of training "

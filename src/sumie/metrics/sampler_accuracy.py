@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from ..diffusion.schedules import DiscreteSchedule, sampling_sigmas
-from ..samplers import SAMPLERS, STOCHASTIC, generators_for, randn
+from ..samplers import SAMPLERS, STOCHASTIC, generators_for
 
 NFES = (5, 8, 10, 15, 20, 30, 50)
 SCHEDULES = ("karras", "exponential", "simple", "sgm_uniform", "beta", "ays_gmm", "leading", "linspace", "trailing")

@@ -13,7 +13,7 @@ preconditioning in ``sumie.diffusion.precond`` decides what c_noise and the outp
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F

@@ -108,19 +108,22 @@ class StableDiffusion:
     def from_pretrained(cls, path: str | Path, *, vae: str | Path | None = None, allow_pickle: bool = False,
                         device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                         tokenizer: ClipTokenizer | str | Path | None = None, prediction: str | None = None,
-                        vae_tile: int | None = None) -> "StableDiffusion":
+                        vae_tile: int | None = None, text_encoders: dict[str, str | Path] | None = None
+                        ) -> "StableDiffusion":
         """A single file, diffusers folder or sumie folder (:func:`sumie.io.sd.load_sd`). Single
         files carry no tokenizer: give ``tokenizer`` (a ``tokenizer/`` folder or a ClipTokenizer),
-        else CLIP's BPE file is looked up (``ClipTokenizer.from_openai_bpe``)."""
+        else CLIP's BPE file is looked up (``ClipTokenizer.from_openai_bpe``). ``vae`` and
+        ``text_encoders`` ({slot: file}, slots as in :mod:`sumie.io.sd.families`) replace the
+        checkpoint's own; text encoders are checked against the U-Net's cross-attention first."""
         path = Path(path)
-        sd = load_sd(path, allow_pickle=allow_pickle, prediction=prediction, vae=vae)
+        sd = load_sd(path, allow_pickle=allow_pickle, prediction=prediction, vae=vae, text_encoders=text_encoders)
         scheduler, text_folder = {}, None
         if path.is_dir() and (path / "model_index.json").is_file():
             cfg = path / "scheduler" / "scheduler_config.json"
             if cfg.is_file():
                 scheduler = json.loads(cfg.read_text())
-            if all((path / s.diffusers).is_dir() for s in family_towers(sd.family.name)):
-                text_folder = path
+            if all((path / s.diffusers).is_dir() for s in family_towers(sd.family.name)) and not text_encoders:
+                text_folder = path  # else the towers are built from sd.text_encoders, overrides included
         if isinstance(tokenizer, (str, Path)):
             tokenizer = ClipTokenizer.from_folder(tokenizer)
         elif tokenizer is None and text_folder is None:

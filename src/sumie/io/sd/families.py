@@ -37,6 +37,10 @@ class TextEncoderSpec:
     layout: str  # layout below that prefix: "hf" (transformers CLIPTextModel) or "open_clip"
 
 
+# token width of each tower kind; a family's towers, concatenated, are its U-Net's context_dim
+TEXT_WIDTHS = {"clip-l": 768, "openclip-h": 1024, "openclip-bigg": 1280}
+
+
 @dataclass(frozen=True)
 class Family:
     name: str
@@ -53,6 +57,10 @@ class Family:
 
     def expected(self) -> str:
         return ", ".join(f"{k}={v}" for k, v in self.match.items())
+
+    def slots(self) -> str:
+        """The text-encoder slots, e.g. "text_encoder (clip-l, 768 wide), text_encoder_2 (...)"."""
+        return ", ".join(f"{s.slot} ({s.kind}, {TEXT_WIDTHS[s.kind]} wide)" for s in self.text_encoders)
 
 
 _CLIP_L_SD1 = TextEncoderSpec("text_encoder", "clip-l", "cond_stage_model.transformer.", "hf")

@@ -23,17 +23,18 @@ import torch
 
 from ...nn.unet import UNet, UNetConfig
 from ...nn.vae import AutoencoderKL, VAEConfig
+from ...text.conditioner import SDXL_SIZE_EMBED
 from ..checkpoint import CheckpointError, read_json, write_json
 from . import keymaps
 from .diffusers_config import (unet_config_from_diffusers, unet_config_to_diffusers, vae_config_from_diffusers,
                                vae_config_to_diffusers)
-from .families import (UNET_PREFIX, VAE_PREFIXES, Family, TextEncoderSpec, detect_family, detect_prediction, family,
-                       unet_config_for, unet_features, vae_config_from_weights)
+from .families import (TEXT_WIDTHS, UNET_PREFIX, VAE_PREFIXES, Family, TextEncoderSpec, detect_family,
+                       detect_prediction, family, unet_config_for, unet_features, vae_config_from_weights)
 from .tensors import Weights, materialize, open_safetensors, open_sharded, open_weights, write_safetensors
 
 NATIVE_MANIFEST = "sumie.json"
 NATIVE_FORMAT = "sumie-sd/1"
-_TEXT_KIND_BY_WIDTH = {768: "clip-l", 1024: "openclip-h", 1280: "openclip-bigg"}
+_TEXT_KIND_BY_WIDTH = {w: k for k, w in TEXT_WIDTHS.items()}
 
 
 @dataclass
@@ -48,6 +49,20 @@ class TextEncoderWeights:
 
     def state_dict(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
         return materialize(self.weights, dtype)
+
+    @property
+    def width(self) -> int | None:
+        """Token width (the token embedding's); None without a token embedding."""
+        return _text_width(self.weights, self.layout)
+
+    @property
+    def pooled_width(self) -> int | None:
+        """Width of the pooled output: the projection's, else the token width."""
+        if self.layout == "open_clip" and "text_projection" in self.weights:
+            return self.weights["text_projection"].shape[1]  # (D, P)
+        if self.layout == "hf" and "text_projection.weight" in self.weights:
+            return self.weights["text_projection.weight"].shape[0]  # (P, D)
+        return self.width
 
     def in_layout(self, layout: str) -> Weights:
         if layout == self.layout:
@@ -115,18 +130,30 @@ def _strip(weights: Weights, prefix: str) -> Weights:
     return {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
 
 
-def _text_kind(w: Weights, layout: str) -> str:
+def _text_width(w: Weights, layout: str) -> int | None:
     key = "token_embedding.weight" if layout == "open_clip" else "text_model.embeddings.token_embedding.weight"
-    width = w[key].shape[1] if key in w else None
+    return w[key].shape[1] if key in w else None
+
+
+def _text_kind(w: Weights, layout: str) -> str:
+    width = _text_width(w, layout)
     return _TEXT_KIND_BY_WIDTH.get(width, f"unknown-{width}")
+
+
+def _hf_text_names(w: Weights) -> Weights:
+    """transformers names under ``text_model.``: old single files and transformers 5's
+    ``CLIPTextModel.save_pretrained`` leave the prefix out; position ids are dropped."""
+    if not any(k.startswith("text_model.") for k in w):
+        w = {("" if k.startswith("text_projection") else "text_model.") + k: v for k, v in w.items()}
+    return {k: v for k, v in w.items() if not k.endswith("position_ids")}
 
 
 def _text_from_single(raw: Weights, spec: TextEncoderSpec) -> TextEncoderWeights | None:
     w = _strip(raw, spec.prefix)
     if not w:
         return None
-    if spec.layout == "hf" and not any(k.startswith("text_model.") for k in w):
-        w = {("" if k.startswith("text_projection") else "text_model.") + k: v for k, v in w.items()}  # old naming
+    if spec.layout == "hf":
+        w = _hf_text_names(w)
     w = {k: v for k, v in w.items() if not k.endswith("position_ids")}
     return TextEncoderWeights(spec.slot, _text_kind(w, spec.layout), spec.layout, w)
 
@@ -199,7 +226,7 @@ def load_diffusers(folder: str | Path, *, allow_pickle: bool = False, prediction
     for spec in fam.text_encoders:
         sub = folder / spec.slot
         if sub.is_dir():
-            w = {k: v for k, v in _component_weights(sub, "model", allow_pickle).items() if not k.endswith("position_ids")}
+            w = _hf_text_names(_component_weights(sub, "model", allow_pickle))
             texts[spec.slot] = TextEncoderWeights(spec.slot, _text_kind(w, "hf"), "hf", w)
     return SDCheckpoint(fam, prediction, unet_cfg, vae_cfg, unet, vae, texts, str(folder),
                         [f"family {fam.name}: {fam.expected()}", f"prediction {prediction}: {why}"])
@@ -260,14 +287,19 @@ def load_vae_file(path: str | Path, *, scaling_factor: float = 0.18215, allow_pi
 
 def load_text_encoder_file(path: str | Path, slot: str = "text_encoder", *, allow_pickle: bool = False
                            ) -> TextEncoderWeights:
-    """A separate text-encoder file in Hugging Face or OpenCLIP names (known prefixes stripped)."""
-    w, _ = open_weights(path, allow_pickle=allow_pickle)
+    """A separate text-encoder file in Hugging Face or OpenCLIP names (known prefixes stripped),
+    or a diffusers ``text_encoder*/`` folder."""
+    path = Path(path)
+    if path.is_dir():
+        w = _component_weights(path, "model", allow_pickle)
+    else:
+        w, _ = open_weights(path, allow_pickle=allow_pickle)
     for p in ("cond_stage_model.transformer.", "cond_stage_model.model.", "conditioner.embedders.0.transformer.",
               "conditioner.embedders.1.model.", "conditioner.embedders.0.model."):
         if all(k.startswith(p) for k in w):
             w = _strip(w, p)
     layout = "open_clip" if any(k.startswith("transformer.resblocks.") for k in w) else "hf"
-    w = {k: v for k, v in w.items() if not k.endswith("position_ids")}
+    w = _hf_text_names(w) if layout == "hf" else {k: v for k, v in w.items() if not k.endswith("position_ids")}
     return TextEncoderWeights(slot, _text_kind(w, layout), layout, w)
 
 
@@ -293,9 +325,56 @@ def load_sd(path: str | Path, *, allow_pickle: bool = False, prediction: str | N
     if vae is not None:
         sd.vae_config, sd.vae = load_vae_file(vae, scaling_factor=sd.vae_config.scaling_factor, allow_pickle=allow_pickle)
         sd.notes.append(f"VAE from {vae}")
-    for slot, p in (text_encoders or {}).items():
-        sd.text_encoders[slot] = load_text_encoder_file(p, slot, allow_pickle=allow_pickle)
-        sd.notes.append(f"{slot} from {p}")
+    if text_encoders:
+        override_text_encoders(sd, text_encoders, allow_pickle=allow_pickle)
+    return sd
+
+
+def _text_spec(sd: SDCheckpoint, slot: str, source: str) -> TextEncoderSpec:
+    spec = next((s for s in sd.family.text_encoders if s.slot == slot), None)
+    if spec is None:
+        raise CheckpointError(f"{source}: {sd.family.title} ({sd.family.name}) has no text-encoder slot {slot!r}; "
+                              f"its slots are {sd.family.slots()}")
+    return spec
+
+
+def check_text_encoder(sd: SDCheckpoint, te: TextEncoderWeights, source: str = "text encoder") -> None:
+    """A text encoder fits its slot of ``sd``: its token width is the U-Net's cross-attention
+    width less the family's other towers (SD 1.x: CLIP-L 768; SD 2.x: OpenCLIP-H 1024; SDXL:
+    768 + 1280 = 2048), its kind the slot's, and SDXL's pooled tower fills the vector ``y``."""
+    fam, spec = sd.family, _text_spec(sd, te.slot, source)
+    tail = f"; {fam.name} text-encoder slots: {fam.slots()}"
+    if te.width is None:
+        raise CheckpointError(f"{source}: no token embedding found ({te.layout} names): not a CLIP text "
+                              f"encoder{tail}")
+    ctx = sd.unet_config.context_dim
+    expected = ctx - sum(TEXT_WIDTHS[s.kind] for s in fam.text_encoders if s.slot != te.slot)
+    if te.width != expected or te.kind != spec.kind:
+        whole = f", its part of the U-Net's cross-attention width {ctx}" if len(fam.text_encoders) > 1 else \
+            " (the U-Net's cross-attention width)"
+        raise CheckpointError(f"{source}: a text encoder {te.width} wide ({te.kind}) does not fit slot {te.slot!r} "
+                              f"of {fam.title} ({fam.name}), which takes {spec.kind} {expected} wide{whole}{tail}")
+    adm = sd.unet_config.adm_in_channels
+    if adm is not None and spec is fam.text_encoders[-1]:  # SDXL: y = [pooled, 6 x 256 size features]
+        pooled = adm - 6 * SDXL_SIZE_EMBED
+        if te.pooled_width != pooled:
+            raise CheckpointError(f"{source}: pooled output {te.pooled_width} wide, but {fam.name}'s U-Net takes "
+                                  f"{pooled} pooled + 6 x {SDXL_SIZE_EMBED} = {adm} in its vector conditioning{tail}")
+
+
+def override_text_encoders(sd: SDCheckpoint, text_encoders: dict[str, str | Path], *,
+                           allow_pickle: bool = False) -> SDCheckpoint:
+    """Replace ``sd``'s text encoders by files ({slot: file or diffusers folder}); every file is
+    read and checked (:func:`check_text_encoder`) before any slot is replaced."""
+    loaded = []
+    for slot, p in text_encoders.items():
+        _text_spec(sd, slot, str(p))
+        te = load_text_encoder_file(p, slot, allow_pickle=allow_pickle)
+        check_text_encoder(sd, te, str(p))
+        loaded.append((te, p))
+    for te, p in loaded:
+        sd.text_encoders[te.slot] = te
+        sd.notes.append(f"{te.slot} from {p}")
     return sd
 
 
@@ -396,13 +475,15 @@ WRITERS = {"single-file": save_single_file, "diffusers": save_diffusers, "sumie"
 
 
 def convert(src: str | Path, dst: str | Path, to: str, *, allow_pickle: bool = False, prediction: str | None = None,
-            dtype: torch.dtype | None = None, vae: str | Path | None = None) -> SDCheckpoint:
-    """Read any layout, write ``to`` ("single-file", "diffusers" or "sumie")."""
+            dtype: torch.dtype | None = None, vae: str | Path | None = None,
+            text_encoders: dict[str, str | Path] | None = None) -> SDCheckpoint:
+    """Read any layout (with optional VAE and text-encoder overrides), write ``to``
+    ("single-file", "diffusers" or "sumie")."""
     if to not in WRITERS:
         raise ValueError(f"unknown target layout {to!r}; choose from {', '.join(WRITERS)}")
     dst = Path(dst)
     if dst.exists() and (dst.is_file() or any(dst.iterdir())):
         raise ValueError(f"{dst} exists; choose a new destination")
-    sd = load_sd(src, allow_pickle=allow_pickle, prediction=prediction, vae=vae)
+    sd = load_sd(src, allow_pickle=allow_pickle, prediction=prediction, vae=vae, text_encoders=text_encoders)
     WRITERS[to](sd, dst, dtype)
     return sd
