@@ -6,7 +6,7 @@ from sumie import config as C
 def test_presets_and_unknown_preset():
     cfg = C.preset("shapes-32")
     assert cfg.data.resolution == 32 and cfg.model.num_classes is not None
-    with pytest.raises(ValueError, match="valid: emoji-64, shapes-32, shapes-text-32, tiny, tiny-latent, tiny-text"):
+    with pytest.raises(ValueError, match="valid: emoji-64, emoji-64-pixel, shapes-32, shapes-text-32, tiny, tiny-latent, tiny-text"):
         C.preset("huge")
 
 

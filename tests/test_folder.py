@@ -110,3 +110,37 @@ def test_build_dataset_folder(tmp_path):
     _img(tmp_path / "a.png")
     ds = build_dataset("folder", root=tmp_path, resolution=12)
     assert len(ds) == 1 and ds[0]["x"].shape == (3, 12, 12) and ds[0]["caption"] == ""
+
+
+def _captioned_folder(root, n=6, split_every=3):
+    rows = []
+    for i in range(n):
+        _img(root / f"{i}.png", 32, 32, seed=i)
+        rows.append(json.dumps({"file_name": f"{i}.png", "text": f"emoji {i}",
+                                "split": "heldout" if i % split_every == 0 else "train"}))
+    (root / "metadata.jsonl").write_text("\n".join(rows) + "\n")
+    return root
+
+
+def test_folder_with_shapes_mixes_by_fraction_and_redraws_scenes_per_epoch(tmp_path):
+    from sumie.config import DataConfig
+    from sumie.data.mix import FolderWithShapes
+    from sumie.train.loop import dataset_for
+
+    root = _captioned_folder(tmp_path)
+    ds = dataset_for(DataConfig(kind="folder", path=str(root), resolution=16, split="train", shapes_fraction=0.5,
+                                random_flip=False,
+                                max_objects=2, conditioning="caption"))
+    assert isinstance(ds, FolderWithShapes) and ds.n_folder == 4 and len(ds) == 8  # the heldout split is left out
+    items = [ds[i] for i in range(len(ds))]
+    assert [it["caption"] for it in items[:4]] == ["emoji 1", "emoji 2", "emoji 4", "emoji 5"]
+    assert all("background" in it["caption"] for it in items[4:])  # shapes captions
+    assert all(it["x"].shape == (3, 16, 16) and it["label"] == -1 for it in items)
+    assert {"emoji 1", "emoji 5"} <= set(ds.captions) and any("circle" in c or "square" in c for c in ds.captions)
+    ds.set_epoch(1)
+    assert ds[5]["caption"] != items[5]["caption"] or not torch.equal(ds[5]["x"], items[5]["x"])  # fresh scene
+    torch.testing.assert_close(ds[0]["x"], items[0]["x"])  # folder images repeat (no flips configured here)
+    with pytest.raises(ValueError, match="shapes_fraction must be in"):
+        FolderWithShapes(ds.folder, ds.shapes, 1.0)
+    with pytest.raises(ValueError, match="shapes_fraction must be in"):
+        dataset_for(DataConfig(kind="folder", path=str(root), resolution=16, shapes_fraction=-0.1))

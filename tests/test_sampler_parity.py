@@ -24,7 +24,7 @@ import torch
 
 from sumie.diffusion.schedules import karras_sigmas
 from sumie.metrics.sampler_accuracy import SD_BETAS, GaussianMixture, diffusers_table, run_diffusers
-from sumie.samplers import SAMPLERS, generators_for, randn, randn_like
+from sumie.samplers import SAMPLERS, generators_for, randn_like
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning")
 

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import json
 import pickle
-import struct
 
 import pytest
 import torch
 
 from sumie.io.checkpoint import CheckpointError
 from sumie.io.sd import convert, family, load_sd, load_vae_file, open_weights, save_single_file
-from sumie.io.sd.formats import save_diffusers, save_native
+from sumie.io.sd.formats import save_diffusers
 from sumie.nn.layers import timestep_embedding
 
 diffusers = pytest.importorskip("diffusers")

@@ -1,9 +1,7 @@
-import os
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -107,7 +105,7 @@ def test_kill_during_save_never_leaves_a_broken_checkpoint(tmp_path):
             args += ["--preset", "tiny"]
         else:
             args += ["--resume"]
-        before = len(list_checkpoints(run))
+
         proc = subprocess.Popen(_cli(*args), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         # wait for new checkpoints to appear, then SIGKILL at a random instant (usually mid-save)
         assert _wait_for(lambda: latest_checkpoint(run) is not None and

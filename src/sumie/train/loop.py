@@ -94,8 +94,10 @@ def dataset_for(d: DataConfig) -> Dataset:
 
         if not d.path:
             raise ValueError("data.kind = 'folder' needs data.path, the folder of images")
+        if not 0.0 <= d.shapes_fraction < 1.0:
+            raise ValueError(f"data.shapes_fraction must be in [0, 1), got {d.shapes_fraction}")
         folder = ImageFolderDataset(d.path, d.resolution, random_flip=d.random_flip, seed=d.seed, split=d.split)
-        if d.shapes_fraction <= 0:
+        if d.shapes_fraction == 0:
             return folder
         from ..data.mix import FolderWithShapes
         from ..data.shapes import ShapesConfig, ShapesDataset
