@@ -103,3 +103,21 @@ def test_cli_samples_a_prompt_and_rejects_labels(text_config, tmp_path):
     assert res.returncode == 0 and "unconditionally" in res.stderr
     res = subprocess.run(run + ["--shape", "circle", "--color", "red"], capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and "--prompt" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_prompt_weighting_scales_the_weighted_words_only():
+    torch.manual_seed(0)
+    tok = WordTokenizer.build(["a red circle at the top left on a white background"], model_max_length=16)
+    enc = SmallTextEncoder(TextConfig(kind="small", width=32, layers=2, heads=4, max_length=16), tok).eval()
+    with torch.no_grad():
+        plain = enc.encode(["a red circle"])
+        same = enc.encode(["a (red:1.0) circle"])
+        up = enc.encode(["a (red:1.5) circle"])
+        down = enc.encode(["a [red] circle"])
+        broken = enc.encode(["a (red circle", "a red) circle ((", "猫 (:1.2) [[["])  # unbalanced: never a crash
+    torch.testing.assert_close(same.hidden, plain.hidden)
+    torch.testing.assert_close(up.pooled, plain.pooled)  # the pooled output is not weighted
+    torch.testing.assert_close(up.hidden[0, 2], 1.5 * plain.hidden[0, 2])  # position 2 = "red" (after [BOS], "a")
+    torch.testing.assert_close(up.hidden[0, [0, 1, 3, 4]], plain.hidden[0, [0, 1, 3, 4]])
+    assert down.hidden[0, 2].norm() / down.hidden[0, 1].norm() < plain.hidden[0, 2].norm() / plain.hidden[0, 1].norm()
+    assert torch.isfinite(broken.hidden).all() and broken.hidden.shape == (3, 16, 32)

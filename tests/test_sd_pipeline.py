@@ -180,3 +180,14 @@ def test_cli_generate_runs_a_diffusers_folder_with_a_lora(tmp_path, capsys):
     assert Image.open(out).size == (SIZE, SIZE)
     assert main(argv + ["--lora", f"{tmp_path / 'l.safetensors'}:strong"]) == 2
     assert "FILE:STRENGTH" in capsys.readouterr().err
+
+
+def test_size_not_a_multiple_of_the_model_factor_names_the_nearest_valid_size(tmp_path, capsys):
+    from sumie.cli import main
+
+    _, folder, _ = build_diffusers(tmp_path, "sd1")
+    argv = ["generate", "a cat", "--model", str(folder), "--steps", "1", "--out", str(tmp_path / "x.png")]
+    assert main(argv + ["--width", str(SIZE + 5), "--height", str(SIZE)]) == 2
+    err = capsys.readouterr().err
+    assert "must be multiples of" in err and f"--height {SIZE} --width {SIZE}" in err
+    assert not (tmp_path / "x.png").exists()

@@ -234,7 +234,9 @@ class StableDiffusion:
         height, width = height or res, width or res
         mult = self.checkpoint.vae_config.downsampling_factor * 2 ** (len(self.checkpoint.unet_config.channel_mult) - 1)
         if height % mult or width % mult:
-            raise ValueError(f"height and width must be multiples of {mult} for this model, got {height}x{width}")
+            near = [max(mult, round(v / mult) * mult) for v in (height, width)]
+            raise ValueError(f"height and width must be multiples of {mult} for this model, got {height}x{width}; "
+                             f"nearest valid size: --height {near[0]} --width {near[1]}")
 
         text = self.build_text()  # stage 1: text
         c, u = text.encode_pair(prompts, negs)

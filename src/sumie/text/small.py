@@ -163,9 +163,24 @@ class SmallTextEncoder(nn.Module, TextEncoder):
         return TextEncoderOutput(x, pooled, attention_mask)
 
     def encode(self, prompts: list[str]) -> TextEncoderOutput:
-        tok = self.tokenizer(list(prompts))
+        """Prompts with A1111 weighting (``(word:1.3)``, ``(word)``, ``[word]``; :mod:`sumie.text.prompt`):
+        the brackets are removed before tokenizing and each word's hidden state is multiplied by its
+        weight (A1111's "No norm" emphasis: the outputs are LayerNormed, their mean is ~0, so the
+        "Original" mean-restoring rescale is ill-conditioned here). The pooled output is not weighted."""
+        from .prompt import parse_prompt_weights
+
+        texts, weights = [], torch.ones(len(prompts), self.config.max_length)
+        for b, prompt in enumerate(prompts):
+            spans = parse_prompt_weights(prompt) if any(c in prompt for c in "()[]\\") else [(prompt, 1.0)]
+            texts.append(" ".join(text for text, _ in spans))  # spaces: no word spans two weight groups
+            per_word = [w for text, w in spans for _ in self.tokenizer.encode_text(text)]
+            per_word = per_word[:self.config.max_length - 2]
+            weights[b, 1:1 + len(per_word)] = torch.tensor(per_word, dtype=torch.float32)
+        tok = self.tokenizer(texts)
         device = self.position_embedding.device
-        return self(tok.input_ids.to(device), tok.attention_mask.to(device))
+        out = self(tok.input_ids.to(device), tok.attention_mask.to(device))
+        hidden = out.hidden * weights.to(device=device, dtype=out.hidden.dtype)[..., None]
+        return TextEncoderOutput(hidden, out.pooled, out.attention_mask)
 
 
 def text_cond(encoder: TextEncoder, prompts: list[str]) -> dict[str, torch.Tensor]:
