@@ -121,3 +121,26 @@ def test_prompt_weighting_scales_the_weighted_words_only():
     torch.testing.assert_close(up.hidden[0, [0, 1, 3, 4]], plain.hidden[0, [0, 1, 3, 4]])
     assert down.hidden[0, 2].norm() / down.hidden[0, 1].norm() < plain.hidden[0, 2].norm() / plain.hidden[0, 1].norm()
     assert torch.isfinite(broken.hidden).all() and broken.hidden.shape == (3, 16, 32)
+
+
+def test_long_prompts_are_chunked_into_windows_and_batch_with_short_ones():
+    from sumie.diffusion.guidance import concat_cond
+
+    torch.manual_seed(0)
+    words = "a red circle at the top left on a white background".split()
+    tok = WordTokenizer.build([" ".join(words)], model_max_length=8)  # windows of 6 words
+    enc = SmallTextEncoder(TextConfig(kind="small", width=32, layers=1, heads=4, max_length=8), tok).eval()
+    long = " ".join(words)  # 11 words -> 2 windows
+    with torch.no_grad():
+        both = enc.encode([long, "a red circle"])
+        first = enc.encode([" ".join(words[:6])])
+        second = enc.encode([" ".join(words[6:])])
+        short = enc.encode(["a red circle"])
+    assert both.hidden.shape == (2, 16, 32) and both.attention_mask[0].sum() == 8 + 7
+    torch.testing.assert_close(both.hidden[0, :8], first.hidden[0])
+    torch.testing.assert_close(both.hidden[0, 8:], second.hidden[0])
+    torch.testing.assert_close(both.pooled[0], first.pooled[0])  # pooled: the first window's
+    assert both.attention_mask[1, 8:].sum() == 0  # the short prompt's second window is masked out
+    torch.testing.assert_close(both.hidden[1, :5], short.hidden[0, :5])
+    cond = concat_cond(text_cond(enc, [long]), text_cond(enc, [""]))  # CFG: long prompt, empty negative
+    assert cond["context"].shape == (2, 16, 32) and cond["context_mask"][1, 8:].sum() == 0

@@ -110,3 +110,10 @@ def test_bundled_model_is_small_fp16_documented_and_draws(tmp_path):
     assert main(["generate", "a red apple", "--out", str(out), "--steps", "6"]) == 0
     img = np.asarray(Image.open(out))
     assert img.shape == (64, 64, 3) and img.std() > 10  # a picture, not a flat field
+
+
+def test_long_weighted_unicode_prompts_generate(exported):
+    model = gen.TextToImage.load(exported)
+    long = " ".join(["a (red:1.3) circle at the top left and a [blue] square"] * 4)  # > one 24-token window
+    g = model([long, "猫 (( unbalanced", ""], steps=2, sampler="euler")
+    assert g.images.shape == (3, 16, 16, 3)

@@ -18,8 +18,20 @@ from torch import nn
 
 
 
+SEQUENCE_KEYS = ("context", "context_mask")  # token sequences: a shorter one is padded (and masked out)
+
+
+def _pad_seq(t: torch.Tensor, n: int) -> torch.Tensor:
+    if t.shape[1] == n:
+        return t
+    pad = t.new_zeros((t.shape[0], n - t.shape[1], *t.shape[2:]))
+    return torch.cat([t, pad], dim=1)
+
+
 def concat_cond(a: dict | None, b: dict | None) -> dict | None:
-    """Batch-concatenate two condition dicts with the same keys (tensors along dim 0)."""
+    """Batch-concatenate two condition dicts with the same keys (tensors along dim 0). Token
+    sequences of different lengths (a long prompt chunked into more windows than its negative)
+    are padded to the longer one; the padding is masked out through ``context_mask``."""
     if a is None and b is None:
         return None
     if a is None or b is None or set(a) != set(b):
@@ -28,6 +40,12 @@ def concat_cond(a: dict | None, b: dict | None) -> dict | None:
     for k in a:
         va, vb = a[k], b[k]
         if isinstance(va, torch.Tensor):
+            if k in SEQUENCE_KEYS and va.shape[1] != vb.shape[1]:
+                if "context_mask" not in a:
+                    raise ValueError(f"cannot batch token sequences of lengths {va.shape[1]} and {vb.shape[1]} "
+                                     "without a context_mask")
+                n = max(va.shape[1], vb.shape[1])
+                va, vb = _pad_seq(va, n), _pad_seq(vb, n)
             out[k] = torch.cat([va, vb.to(va.device)], dim=0)
         elif va is None and vb is None:
             out[k] = None

@@ -166,21 +166,45 @@ class SmallTextEncoder(nn.Module, TextEncoder):
         """Prompts with A1111 weighting (``(word:1.3)``, ``(word)``, ``[word]``; :mod:`sumie.text.prompt`):
         the brackets are removed before tokenizing and each word's hidden state is multiplied by its
         weight (A1111's "No norm" emphasis: the outputs are LayerNormed, their mean is ~0, so the
-        "Original" mean-restoring rescale is ill-conditioned here). The pooled output is not weighted."""
+        "Original" mean-restoring rescale is ill-conditioned here). The pooled output is not weighted.
+
+        A prompt longer than the window (``max_length - 2`` words) is split into windows encoded
+        separately and concatenated along the sequence, as A1111 does for CLIP: hidden (B, L*k, D)
+        with its mask; shorter prompts of the batch get masked empty windows; pooled is the first
+        window's."""
         from .prompt import parse_prompt_weights
 
-        texts, weights = [], torch.ones(len(prompts), self.config.max_length)
-        for b, prompt in enumerate(prompts):
+        per = self.config.max_length - 2
+        rows: list[tuple[list[int], list[float]]] = []
+        for prompt in prompts:
             spans = parse_prompt_weights(prompt) if any(c in prompt for c in "()[]\\") else [(prompt, 1.0)]
-            texts.append(" ".join(text for text, _ in spans))  # spaces: no word spans two weight groups
-            per_word = [w for text, w in spans for _ in self.tokenizer.encode_text(text)]
-            per_word = per_word[:self.config.max_length - 2]
-            weights[b, 1:1 + len(per_word)] = torch.tensor(per_word, dtype=torch.float32)
-        tok = self.tokenizer(texts)
+            ids, ws = [], []
+            for text, w in spans:
+                words = self.tokenizer.encode_text(text)
+                ids += words
+                ws += [w] * len(words)
+            rows.append((ids, ws))
+        k = max(1, max((len(ids) + per - 1) // per for ids, _ in rows))
+        n = self.config.max_length
+        input_ids = torch.full((k, len(rows), n), self.tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((k, len(rows), n), dtype=torch.long)
+        weights = torch.ones((k, len(rows), n))
+        visible = torch.ones((k, len(rows), 1), dtype=torch.long)
+        for b, (ids, ws) in enumerate(rows):
+            for j in range(k):
+                chunk, cw = ids[j * per:(j + 1) * per], ws[j * per:(j + 1) * per]
+                if j > 0 and not chunk:
+                    visible[j, b] = 0  # this prompt has fewer windows: an empty window, masked out below
+                row = [self.tokenizer.bos_token_id] + chunk + [self.tokenizer.eos_token_id]
+                input_ids[j, b, :len(row)] = torch.tensor(row)
+                mask[j, b, :len(row)] = 1
+                weights[j, b, 1:1 + len(cw)] = torch.tensor(cw, dtype=torch.float32)
         device = self.position_embedding.device
-        out = self(tok.input_ids.to(device), tok.attention_mask.to(device))
-        hidden = out.hidden * weights.to(device=device, dtype=out.hidden.dtype)[..., None]
-        return TextEncoderOutput(hidden, out.pooled, out.attention_mask)
+        outs = [self(input_ids[j].to(device), mask[j].to(device)) for j in range(k)]
+        hidden = torch.cat([o.hidden for o in outs], dim=1)
+        w = torch.cat(list(weights), dim=1).to(device=device, dtype=hidden.dtype)
+        keep = torch.cat([o.attention_mask * visible[j].to(device) for j, o in enumerate(outs)], dim=1)
+        return TextEncoderOutput(hidden * w[..., None], outs[0].pooled, keep)
 
 
 def text_cond(encoder: TextEncoder, prompts: list[str]) -> dict[str, torch.Tensor]:
