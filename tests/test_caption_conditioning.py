@@ -38,10 +38,19 @@ def test_word_tokenizer_vocabulary_windows_and_round_trip(tmp_path):
     assert WordTokenizer.load(tmp_path / "tok.json").vocab == tok.vocab
 
 
-def test_encoder_rows_are_independent_of_padding_and_batch():
+SCENE = "a red circle at the top left on a white background"
+
+
+def _encoder(max_length: int = 16, layers: int = 2) -> SmallTextEncoder:
+    """A seeded, untrained encoder whose vocabulary is SCENE's words."""
     torch.manual_seed(0)
-    tok = WordTokenizer.build(["a red circle at the top left on a white background"], model_max_length=16)
-    enc = SmallTextEncoder(TextConfig(kind="small", width=32, layers=2, heads=4, max_length=16), tok).eval()
+    tok = WordTokenizer.build([SCENE], model_max_length=max_length)
+    return SmallTextEncoder(TextConfig(kind="small", width=32, layers=layers, heads=4, max_length=max_length),
+                            tok).eval()
+
+
+def test_encoder_rows_are_independent_of_padding_and_batch():
+    enc = _encoder()
     with torch.no_grad():
         alone = enc.encode(["a red circle"])
         both = enc.encode(["a red circle", "a red circle at the top left on a white background"])
@@ -106,9 +115,7 @@ def test_cli_samples_a_prompt_and_rejects_labels(text_config, tmp_path):
 
 
 def test_prompt_weighting_scales_the_weighted_words_only():
-    torch.manual_seed(0)
-    tok = WordTokenizer.build(["a red circle at the top left on a white background"], model_max_length=16)
-    enc = SmallTextEncoder(TextConfig(kind="small", width=32, layers=2, heads=4, max_length=16), tok).eval()
+    enc = _encoder()
     with torch.no_grad():
         plain = enc.encode(["a red circle"])
         same = enc.encode(["a (red:1.0) circle"])
@@ -126,10 +133,8 @@ def test_prompt_weighting_scales_the_weighted_words_only():
 def test_long_prompts_are_chunked_into_windows_and_batch_with_short_ones():
     from sumie.diffusion.guidance import concat_cond
 
-    torch.manual_seed(0)
-    words = "a red circle at the top left on a white background".split()
-    tok = WordTokenizer.build([" ".join(words)], model_max_length=8)  # windows of 6 words
-    enc = SmallTextEncoder(TextConfig(kind="small", width=32, layers=1, heads=4, max_length=8), tok).eval()
+    words = SCENE.split()
+    enc = _encoder(max_length=8, layers=1)  # windows of 6 words
     long = " ".join(words)  # 11 words -> 2 windows
     with torch.no_grad():
         both = enc.encode([long, "a red circle"])

@@ -201,10 +201,8 @@ def _training_config(args, from_dict, resolve, default_preset: str, what: str):
 
 
 def cmd_train(args) -> int:
-    from .config import resolve
+    from .config import from_dict, resolve
     from .train.loop import train
-
-    from .config import from_dict
 
     config = _training_config(args, from_dict, resolve, "shapes-32", "run folder")
     result = train(config, args.out, resume=args.resume, progress=not args.no_progress)

@@ -71,10 +71,14 @@ class WordTokenizer(Tokenizer):
             words = self.encode_text(p)
             if len(words) > n - 2 and not truncation:
                 raise ValueError(f"prompt of {len(words)} words is longer than the {n - 2} this tokenizer takes")
-            row = [self.bos_token_id] + words[:n - 2] + [self.eos_token_id]
+            row = self.wrap(words[:n - 2])
             ids[b, :len(row)] = torch.tensor(row)
             mask[b, :len(row)] = 1
         return TokenizedBatch(ids, mask)
+
+    def wrap(self, word_ids: list[int]) -> list[int]:
+        """One window's ids: ``[BOS] words [EOS]`` (padding follows)."""
+        return [self.bos_token_id] + list(word_ids) + [self.eos_token_id]
 
     def to_json(self) -> dict:
         return {"kind": "word", "model_max_length": self.model_max_length, "vocab": self.vocab}
@@ -177,9 +181,8 @@ class SmallTextEncoder(nn.Module, TextEncoder):
         per = self.config.max_length - 2
         rows: list[tuple[list[int], list[float]]] = []
         for prompt in prompts:
-            spans = parse_prompt_weights(prompt) if any(c in prompt for c in "()[]\\") else [(prompt, 1.0)]
             ids, ws = [], []
-            for text, w in spans:
+            for text, w in parse_prompt_weights(prompt):
                 words = self.tokenizer.encode_text(text)
                 ids += words
                 ws += [w] * len(words)
@@ -195,7 +198,7 @@ class SmallTextEncoder(nn.Module, TextEncoder):
                 chunk, cw = ids[j * per:(j + 1) * per], ws[j * per:(j + 1) * per]
                 if j > 0 and not chunk:
                     visible[j, b] = 0  # this prompt has fewer windows: an empty window, masked out below
-                row = [self.tokenizer.bos_token_id] + chunk + [self.tokenizer.eos_token_id]
+                row = self.tokenizer.wrap(chunk)
                 input_ids[j, b, :len(row)] = torch.tensor(row)
                 mask[j, b, :len(row)] = 1
                 weights[j, b, 1:1 + len(cw)] = torch.tensor(cw, dtype=torch.float32)
