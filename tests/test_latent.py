@@ -133,3 +133,26 @@ def test_config_errors_for_channels_and_missing_vae(latent_config, vae_dir, tmp_
         code = main(["train", "--preset", "tiny-latent", "--out", str(tmp_path / "r"), "--no-progress",
                      "--set", f"latent.vae={vae_dir}", *args])
         assert code == 2 and msg in capsys.readouterr().err
+
+
+def test_text_to_image_in_latent_space_generates_explains_and_exports(vae_dir, tmp_path):
+    """A caption-conditioned latent model: generate, explain reverse/attention at pixel size, export with its VAE."""
+    from sumie import explain
+    from sumie.generate import TextToImage
+
+    cfg = preset("tiny-text")
+    cfg.model.in_channels = cfg.model.out_channels = 4
+    cfg.data.resolution = 32
+    cfg.latent.vae = str(vae_dir)
+    cfg.train.max_steps = 4
+    cfg.train.ckpt_every = 4
+    train(cfg, tmp_path / "run", progress=False)
+    out = export_model(tmp_path / "run", tmp_path / "model")
+    assert (out / "vae.safetensors").is_file()
+    g = TextToImage.load(out)("a red circle", n=2, steps=3, sampler="euler")
+    assert g.images.shape == (2, 32, 32, 3)
+    att = np.asarray(Image.open(explain.explain_attention(out, "a red circle", tmp_path / "x", steps=2,
+                                                          scale=1)["attention"]))
+    assert att.shape[0] >= 32  # tiles of the 32-px image, not of the 8-px latent
+    rev = explain.explain_reverse(out, tmp_path / "y", prompt="a red circle", steps=2, scale=1)
+    assert Image.open(rev["strip"]).size[1] >= 2 * 32

@@ -399,7 +399,7 @@ def explain_attention(run: str | Path, prompt: str, out_dir: str | Path, *, samp
 
     space = load_space(run, config)
     shape = space.latent_shape(res)
-    with CrossAttentionMaps(denoiser.net, tuple(shape[1:]), batch_size=1) as cap:
+    with CrossAttentionMaps(denoiser.net, (res, res), batch_size=1) as cap:  # maps at the image's size
         x = sample(denoiser, shape, 1, cond=cond, uncond=uncond,
                    sampler=sampler or s.sampler, steps=steps or s.steps,
                    guidance_scale=s.guidance_scale if guidance_scale is None else guidance_scale, seed=seed)
