@@ -1,9 +1,10 @@
-"""Stable Diffusion 1.5 on CPU: sumie's pipeline against diffusers' StableDiffusionPipeline.
+"""Stable Diffusion 1.5 on CPU or a CUDA GPU: sumie's pipeline against diffusers' StableDiffusionPipeline.
 
 The published SD 1.5 architecture (unet/, vae/ config.json of the released diffusers
 repository; CLIP ViT-L/14 text tower) is built by diffusers with random weights and saved
-once as a diffusers folder; each library then loads that folder in its own subprocess and
-generates one image (CFG, default 20 Euler steps at 512x512) while recording
+once as a diffusers folder (on CPU); each library then loads that folder in its own subprocess,
+on the chosen device and in the chosen dtype, and generates one image (CFG, default 20 Euler
+steps at 512x512) while recording
 
 * seconds per U-Net step (median interval between step callbacks; one step = one batched
   cond + uncond forward pass),
@@ -12,11 +13,16 @@ generates one image (CFG, default 20 Euler steps at 512x512) while recording
 * the U-Net's achieved GFLOP/s: FLOPs of one CFG step counted by ``torch.utils.flop_counter``
   divided by the measured step time.
 
-It prints both rows and the sumie/diffusers ratios. The weights are random, so images are
-noise; speed and memory do not depend on the values. The tokenizer is a small byte-level
-BPE vocabulary (CLIP's is not shipped), which changes nothing about the networks' cost.
+With ``--device cuda`` each worker first runs a 2-step warm-up generation at the same size (kernel
+and cuDNN algorithm selection are not timed), synchronizes the GPU before every timestamp, and
+also records the peak GPU memory (``torch.cuda.max_memory_allocated``, loading included) as
+``peak_gpu_mb``. It prints both rows and the sumie/diffusers ratios; ``--json`` also writes them
+to a file. The weights are random, so images are noise; speed and memory do not depend on the
+values. The tokenizer is a small byte-level BPE vocabulary (CLIP's is not shipped), which
+changes nothing about the networks' cost.
 
-    python benchmarks/sd_perf.py [--size 512] [--steps 20] [--threads 1] [--workdir DIR] [--vae-tile 64]
+    python benchmarks/sd_perf.py [--size 512] [--steps 20] [--threads 1] [--workdir DIR] [--vae-tile 64] [--json PATH]
+    PYTHONPATH=src python benchmarks/sd_perf.py --device cuda --dtype fp16 [--json PATH]   # GPU, sumie not installed
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from pathlib import Path
 import torch
 
 PROMPT, NEGATIVE = "a photograph of an astronaut riding a horse", ""
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _SD15_UNET = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, cross_attention_dim=768,
                   attention_head_dim=8, block_out_channels=[320, 640, 1280, 1280],
                   down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
@@ -53,6 +60,12 @@ def peak_rss_mb() -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def sync(device: str) -> None:
+    """Wait for queued GPU work, so that a timestamp taken next covers it (no-op on CPU)."""
+    if device == "cuda":
+        torch.cuda.synchronize()
 
 
 def write_tokenizer(folder: Path) -> None:
@@ -98,52 +111,71 @@ def unet_flops(unet_call) -> int:
     return counter.get_total_flops()
 
 
-def worker(lib: str, folder: Path, size: int, steps: int, vae_tile: int | None) -> dict:
+def worker(lib: str, folder: Path, size: int, steps: int, vae_tile: int | None, device: str = "cpu",
+           dtype: str = "fp32") -> dict:
     """Load, generate one image, measure (runs in its own process)."""
     stamps: list[float] = []
-    latent = size // 8
+    dt, latent = DTYPES[dtype], size // 8
+
+    def stamp() -> None:
+        sync(device)
+        stamps.append(time.perf_counter())
+
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     if lib == "sumie":
         from sumie.pipelines import StableDiffusion
 
-        pipe = StableDiffusion.from_pretrained(folder, vae_tile=vae_tile)
-        load_s = time.perf_counter() - t0
-        t1 = time.perf_counter()
-        pipe(PROMPT, NEGATIVE, steps=steps, guidance_scale=7.5, sampler="euler", seed=0, height=size, width=size,
-             callback=lambda info: stamps.append(time.perf_counter()))
-        image_s = time.perf_counter() - t1
-        rss = peak_rss_mb()
-        unet = pipe.build_unet()
-        x, ctx = torch.randn(2, 4, latent, latent), torch.randn(2, 77, 768)
-        flops = unet_flops(lambda: unet(x, torch.full((2,), 500.0), {"context": ctx}))
+        pipe = StableDiffusion.from_pretrained(folder, vae_tile=vae_tile, device=device, dtype=dt)
+
+        def generate(n_steps: int) -> None:
+            pipe(PROMPT, NEGATIVE, steps=n_steps, guidance_scale=7.5, sampler="euler", seed=0, height=size,
+                 width=size, callback=lambda info: stamp())
     else:
         import diffusers
 
-        pipe = diffusers.StableDiffusionPipeline.from_pretrained(folder, safety_checker=None,
-                                                                 requires_safety_checker=False)
+        pipe = diffusers.StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, torch_dtype=dt,
+                                                                 requires_safety_checker=False).to(device)
         pipe.scheduler = diffusers.EulerDiscreteScheduler.from_config(pipe.scheduler.config)
         pipe.set_progress_bar_config(disable=True)
         if vae_tile:
             pipe.vae.enable_tiling()
-        load_s = time.perf_counter() - t0
 
         def on_step(p, i, t, kw):
-            stamps.append(time.perf_counter())
+            stamp()
             return kw
 
-        t1 = time.perf_counter()
-        with torch.inference_mode():
-            pipe(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=steps, guidance_scale=7.5, height=size,
-                 width=size, generator=torch.Generator().manual_seed(0), callback_on_step_end=on_step,
-                 output_type="np")
-        image_s = time.perf_counter() - t1
-        rss = peak_rss_mb()
-        x, ctx = torch.randn(2, 4, latent, latent), torch.randn(2, 77, 768)
-        flops = unet_flops(lambda: pipe.unet(x, torch.full((2,), 500.0), encoder_hidden_states=ctx))
+        def generate(n_steps: int) -> None:
+            with torch.inference_mode():
+                pipe(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=n_steps, guidance_scale=7.5, height=size,
+                     width=size, generator=torch.Generator(device).manual_seed(0), callback_on_step_end=on_step,
+                     output_type="np")
+    sync(device)
+    load_s = time.perf_counter() - t0
+    if device == "cuda":  # kernel / cuDNN algorithm selection happens here, untimed
+        generate(2)
+        stamps.clear()
+    t1 = time.perf_counter()
+    generate(steps)
+    sync(device)
+    image_s = time.perf_counter() - t1
+    extra = {}
+    if device == "cuda":
+        extra = {"peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20, "gpu": torch.cuda.get_device_name()}
+    rss = peak_rss_mb()
+    x = torch.randn(2, 4, latent, latent, device=device, dtype=dt)
+    ctx = torch.randn(2, 77, 768, device=device, dtype=dt)
+    t = torch.full((2,), 500.0, device=device)
+    if lib == "sumie":
+        unet = pipe.build_unet()  # the pipeline builds its U-Net per call: build one to count
+        flops = unet_flops(lambda: unet(x, t, {"context": ctx}))
+    else:
+        flops = unet_flops(lambda: pipe.unet(x, t, encoder_hidden_states=ctx))
     # sumie reports before each step, diffusers after: both give steps-1 full step intervals
     gaps = sorted(b - a for a, b in zip(stamps, stamps[1:]))
     step_s = gaps[len(gaps) // 2] if gaps else image_s / steps
-    return {"lib": lib, "load_s": load_s, "step_s": step_s, "image_s": image_s, "peak_rss_mb": rss,
+    return {"lib": lib, "load_s": load_s, "step_s": step_s, "image_s": image_s, "peak_rss_mb": rss, **extra,
             "unet_gflop_per_step": flops / 1e9, "gflops": flops / 1e9 / step_s}
 
 
@@ -154,12 +186,19 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads in each worker")
     ap.add_argument("--workdir", type=Path, default=None, help="keep the saved model here (reused if present)")
     ap.add_argument("--vae-tile", type=int, default=None, help="tiled VAE decoding with this latent tile size")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="weights and activations of both pipelines")
+    ap.add_argument("--json", type=Path, default=None, help="also write the rows and ratios to this JSON file")
     ap.add_argument("--worker", choices=["sumie", "diffusers"], help=argparse.SUPPRESS)
     ap.add_argument("--folder", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        ap.error(f"--device cuda: CUDA is not available to this torch ({torch.__version__}, "
+                 f"CUDA build: {torch.version.cuda or 'none'})")
     torch.set_num_threads(args.threads)
     if args.worker:
-        print("RESULT " + json.dumps(worker(args.worker, args.folder, args.size, args.steps, args.vae_tile)))
+        print("RESULT " + json.dumps(worker(args.worker, args.folder, args.size, args.steps, args.vae_tile,
+                                            args.device, args.dtype)))
         return 0
 
     tmp = None
@@ -175,7 +214,8 @@ def main(argv=None) -> int:
     rows = {}
     for lib in ("sumie", "diffusers"):
         cmd = [sys.executable, __file__, "--worker", lib, "--folder", str(folder), "--size", str(args.size),
-               "--steps", str(args.steps), "--threads", str(args.threads)]
+               "--steps", str(args.steps), "--threads", str(args.threads), "--device", args.device,
+               "--dtype", args.dtype]
         if args.vae_tile:
             cmd += ["--vae-tile", str(args.vae_tile)]
         out = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -184,15 +224,22 @@ def main(argv=None) -> int:
             print(out.stdout[-2000:], out.stderr[-4000:], file=sys.stderr)
             return 1
         rows[lib] = json.loads(line[len("RESULT "):])
-    print(f"SD 1.5 architecture, random weights, {args.size}x{args.size}, {args.steps} Euler steps, CFG 7.5, "
-          f"{args.threads} thread(s), torch {torch.__version__}")
+    device = f"{args.device} ({rows['sumie']['gpu']})" if args.device == "cuda" else args.device
+    print(f"SD 1.5 architecture, random weights, {device} {args.dtype}, {args.size}x{args.size}, {args.steps} Euler "
+          f"steps, CFG 7.5, {args.threads} thread(s), torch {torch.__version__}")
     cols = [("load_s", "load s"), ("step_s", "s/U-Net step"), ("image_s", "s/image"), ("peak_rss_mb", "peak RSS MB"),
             ("unet_gflop_per_step", "GFLOP/step"), ("gflops", "U-Net GFLOP/s")]
+    if args.device == "cuda":
+        cols.insert(4, ("peak_gpu_mb", "peak GPU MB"))
+    ratio = {k: rows["sumie"][k] / rows["diffusers"][k] for k, _ in cols}
     print(f"{'':<10}" + "".join(f"{h:>15}" for _, h in cols))
     for lib, r in rows.items():
         print(f"{lib:<10}" + "".join(f"{r[k]:>15.3f}" for k, _ in cols))
-    print(f"{'ratio':<10}" + "".join(f"{rows['sumie'][k] / rows['diffusers'][k]:>15.3f}" for k, _ in cols)
-          + "   (sumie / diffusers)")
+    print(f"{'ratio':<10}" + "".join(f"{ratio[k]:>15.3f}" for k, _ in cols) + "   (sumie / diffusers)")
+    if args.json:
+        config = {k: getattr(args, k) for k in ("device", "dtype", "size", "steps", "threads", "vae_tile")}
+        args.json.write_text(json.dumps({"config": {**config, "torch": torch.__version__}, "rows": rows,
+                                         "ratio": ratio}, indent=2) + "\n")
     if tmp is not None:
         tmp.cleanup()
     return 0

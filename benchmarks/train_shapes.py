@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import default_collate
 
-from sumie.config import preset
+from sumie.config import preset, resolve
 from sumie.data.shapes import NUM_CLASSES
 from sumie.image import make_grid, save_png, to_uint8, upscale
 from sumie.metrics.verifier import ShapesVerifier
@@ -40,8 +40,9 @@ def labels_for(n: int) -> list[int]:
     return [i % NUM_CLASSES for i in range(n)]
 
 
-def run_sumie(minutes: float, out: Path, n: int, steps: int, sampler: str | None) -> tuple[dict, torch.Tensor]:
-    cfg = preset("shapes-32")
+def run_sumie(minutes: float, out: Path, n: int, steps: int, sampler: str | None,
+              overrides: list[str] = ()) -> tuple[dict, torch.Tensor]:
+    cfg = resolve("shapes-32", overrides=overrides)
     cfg.train.time_budget_s = minutes * 60
     cfg.train.max_steps = 10**9
     cfg.train.sample_every = 0
@@ -164,14 +165,16 @@ def main() -> None:
     ap.add_argument("--sampler", default=None, help="sumie sampler (default: the preset's)")
     ap.add_argument("--out", default="benchmarks/results/train_shapes")
     ap.add_argument("--skip-peer", action="store_true")
+    ap.add_argument("--set", nargs="*", default=[], metavar="SECTION.KEY=VALUE",
+                    help="overrides of sumie's shapes-32 preset (for experiments)")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     verifier = ShapesVerifier.load()
     labels = torch.tensor(labels_for(args.n))
     report = {"machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-              "minutes": args.minutes, "n": args.n}
-    systems = [("sumie", lambda: run_sumie(args.minutes, out, args.n, args.steps, args.sampler))]
+              "minutes": args.minutes, "n": args.n, "sumie_overrides": args.set}
+    systems = [("sumie", lambda: run_sumie(args.minutes, out, args.n, args.steps, args.sampler, args.set))]
     if not args.skip_peer:
         systems.append(("diffusers", lambda: run_diffusers(args.minutes, args.n, args.steps)))
     for name, fn in systems:

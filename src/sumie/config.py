@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .nn.unet import UNetConfig
-from .text.small import TextConfig
+from .text.small import TextConfig as SmallTextConfig
 
 
 @dataclass
@@ -34,6 +34,18 @@ class DiffusionConfig:
     loss_weighting: str = "native"  # native | min_snr
     min_snr_gamma: float = 5.0
     noise_offset: float = 0.0
+
+
+@dataclass
+class TextConfig(SmallTextConfig):
+    """The run's text encoder. ``kind = "small"``: :class:`sumie.text.small.SmallTextEncoder` of
+    ``width``, ``layers``, ``heads``, trained with the U-Net. ``kind = "hf"``: a frozen pretrained
+    BERT-family encoder (:class:`sumie.text.bert.BertTextEncoder`, e.g. all-MiniLM-L6-v2) read from
+    the local folder ``path``; its own width is the U-Net's ``context_dim`` and ``width``, ``layers``,
+    ``heads`` are unused. Both take prompts in windows of ``max_length`` tokens."""
+
+    kind: str = "none"  # none | small | hf
+    path: str | None = None  # kind = "hf": a local folder in Hugging Face format
 
 
 @dataclass
@@ -74,6 +86,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     num_threads: int | None = None
+    num_workers: int = 0  # data-loading worker processes (0: load in the training process); order unchanged
 
 
 @dataclass

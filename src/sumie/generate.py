@@ -25,7 +25,8 @@ from .image import to_uint8
 from .latent import PixelSpace, Space, decode_samples, load_space
 from .models import load_model, load_text_encoder
 from .pipeline import sample
-from .text.small import SmallTextEncoder, text_cond
+from .text.base import TextEncoder
+from .text.small import text_cond
 
 BUNDLED_MODEL = Path(__file__).resolve().parent / "assets" / "emoji-64"
 
@@ -42,7 +43,7 @@ class Generation:
 class TextToImage:
     """A loaded text-conditioned model, ready to draw prompts."""
 
-    def __init__(self, denoiser: Denoiser, encoder: SmallTextEncoder, config: RunConfig,
+    def __init__(self, denoiser: Denoiser, encoder: TextEncoder, config: RunConfig,
                  space: Space | None = None) -> None:
         self.denoiser, self.encoder, self.config = denoiser, encoder, config
         self.space = space or PixelSpace(config.model.in_channels)  # pixels, or an autoencoder's latents

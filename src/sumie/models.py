@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -11,10 +12,15 @@ from .diffusion.precond import Denoiser, make_denoiser
 from .diffusion.schedules import DiscreteSchedule
 from .io.checkpoint import MODEL_FILES, CheckpointError, load_tensors, read_json, resolve_checkpoint, write_folder
 from .nn.unet import UNet
+from .text.base import TextEncoder
+from .text.bert import BertTextEncoder, encoder_width, verify_fingerprint
 from .text.small import SmallTextEncoder, WordTokenizer
 
 TEXT_FILES = {"model": "text_encoder.safetensors", "ema": "text_encoder_ema.safetensors",
               "tokenizer": "tokenizer.json"}
+# text.kind = "hf": the frozen encoder is not copied; its folder and SHA-256s are recorded instead
+FROZEN_TEXT_FILE = "text_encoder.json"
+TEXT_KINDS = ("none", "small", "hf")
 
 
 def build_schedule(config: RunConfig) -> DiscreteSchedule | None:
@@ -37,14 +43,24 @@ def check_conditioning(config: RunConfig) -> None:
     kind, m, t = config.data.conditioning, config.model, config.text
     if kind not in ("class", "caption", "none"):
         raise ValueError(f"unknown data.conditioning {kind!r}; valid: class, caption, none")
-    if t.kind not in ("none", "small"):
-        raise ValueError(f"unknown text.kind {t.kind!r}; valid: none, small")
+    if t.kind not in TEXT_KINDS:
+        raise ValueError(f"unknown text.kind {t.kind!r}; valid: {', '.join(TEXT_KINDS)}")
+    if t.kind == "hf" and not t.path:
+        raise ValueError("text.kind = 'hf' needs text.path, a local folder in Hugging Face format "
+                         "(e.g. a download of sentence-transformers/all-MiniLM-L6-v2)")
     if kind == "class" and m.num_classes is None:
         raise ValueError("data.conditioning = 'class' needs model.num_classes (or set data.conditioning = 'none')")
     if kind == "caption":
         if t.kind == "none":
-            raise ValueError("data.conditioning = 'caption' needs a text encoder: set text.kind = 'small'")
-        if m.context_dim != t.width:
+            raise ValueError("data.conditioning = 'caption' needs a text encoder: set text.kind = 'small' "
+                             "(or 'hf' with text.path)")
+        if t.kind == "hf":
+            width = encoder_width(t.path)
+            if m.context_dim != width:
+                raise ValueError(f"model.context_dim ({m.context_dim}) must equal the width of the text encoder in "
+                                 f"{t.path} ({width}) so the U-Net can cross-attend to its tokens: set "
+                                 f"model.context_dim={width}")
+        elif m.context_dim != t.width:
             raise ValueError(f"model.context_dim ({m.context_dim}) must equal text.width ({t.width}) so the "
                              "U-Net can cross-attend to the text encoder's tokens")
 
@@ -58,20 +74,42 @@ def caption_corpus(dataset, limit: int = 20000) -> list[str]:
     raise ValueError(f"cannot read captions from a {type(dataset).__name__}")
 
 
-def build_text_encoder(config: RunConfig, tokenizer: WordTokenizer) -> SmallTextEncoder | None:
-    """A freshly initialised text encoder for ``config.text`` (None when the run has none)."""
+def with_text_width(config: RunConfig) -> RunConfig:
+    """``config`` with ``model.context_dim`` set to a frozen text encoder's width when it is unset."""
+    t = config.text
+    if t.kind != "hf" or not t.path or config.model.context_dim is not None or config.data.conditioning != "caption":
+        return config
+    return dataclasses.replace(config, model=dataclasses.replace(config.model, context_dim=encoder_width(t.path)))
+
+
+def build_text_encoder(config: RunConfig, tokenizer: WordTokenizer | None = None, *,
+                       path: str | Path | None = None) -> TextEncoder | None:
+    """The text encoder for ``config.text`` (None when the run has none): a freshly initialised
+    small one over ``tokenizer``, or the frozen pretrained one in ``path`` (default ``text.path``)."""
     if config.text.kind == "none":
         return None
+    if config.text.kind == "hf":
+        return BertTextEncoder.from_folder(path or config.text.path, max_length=config.text.max_length)
+    if tokenizer is None:
+        raise ValueError("a small text encoder is built over a tokenizer (WordTokenizer.build on the captions)")
     return SmallTextEncoder(config.text, tokenizer)
 
 
 def load_text_encoder(path: str | Path, *, ema: bool = True, device: str | torch.device = "cpu"
-                      ) -> SmallTextEncoder | None:
-    """The trained text encoder of a run or ``ckpt-*`` folder, or None for a model without one."""
+                      ) -> TextEncoder | None:
+    """The text encoder of a run, ``ckpt-*`` or exported model folder, or None for a model without one.
+    A frozen one (text.kind = "hf") is loaded from the folder its ``text_encoder.json`` names, once
+    the SHA-256 of its files is checked."""
     ckpt = resolve_checkpoint(path)
     config = from_dict(read_json(ckpt / "config.json"))
     if config.text.kind == "none":
         return None
+    if config.text.kind == "hf":
+        if not (ckpt / FROZEN_TEXT_FILE).is_file():
+            raise CheckpointError(f"{ckpt} is missing {FROZEN_TEXT_FILE}, which names the frozen text encoder "
+                                  "it was trained with; the model folder is incomplete")
+        folder = verify_fingerprint(read_json(ckpt / FROZEN_TEXT_FILE), str(ckpt))
+        return build_text_encoder(config, path=folder).to(device)
     for name in (TEXT_FILES["tokenizer"], TEXT_FILES["ema" if ema else "model"]):
         if not (ckpt / name).is_file():
             raise CheckpointError(f"{ckpt} is missing the text encoder's {name}; the model folder is incomplete")
@@ -116,7 +154,8 @@ def load_model(path: str | Path, *, ema: bool = True, device: str | torch.device
 def export_model(src: str | Path, dst: str | Path, *, dtype: torch.dtype = torch.float16,
                  extra_files: dict[str, str] | None = None) -> Path:
     """Write the inference-only model folder of a run: config, EMA weights (and the text encoder's
-    EMA weights and tokenizer) cast to ``dtype``, plus ``extra_files`` (e.g. a model card).
+    EMA weights and tokenizer, or a frozen encoder's ``text_encoder.json``) cast to ``dtype``, plus
+    ``extra_files`` (e.g. a model card).
 
     The folder loads with :func:`load_model` / :func:`load_text_encoder` like a checkpoint; it holds
     no optimizer state, so it cannot be resumed. Written atomically (temporary folder, then rename).
@@ -128,9 +167,11 @@ def export_model(src: str | Path, dst: str | Path, *, dtype: torch.dtype = torch
         return {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
 
     files: dict[str, object] = {MODEL_FILES[0]: config, MODEL_FILES[1]: cast(load_tensors(ckpt / MODEL_FILES[1]))}
-    if from_dict(config).text.kind != "none":
+    if from_dict(config).text.kind == "small":
         files[TEXT_FILES["ema"]] = cast(load_tensors(ckpt / TEXT_FILES["ema"]))
         files[TEXT_FILES["tokenizer"]] = read_json(ckpt / TEXT_FILES["tokenizer"])
+    elif from_dict(config).text.kind == "hf":  # the frozen encoder stays where it is: only its fingerprint
+        files[FROZEN_TEXT_FILE] = read_json(ckpt / FROZEN_TEXT_FILE)
     if from_dict(config).latent.vae is not None:  # a latent model carries its autoencoder (vae.json, vae.safetensors)
         from .latent import space_folder_for, vae_files
 

@@ -28,8 +28,9 @@ from ..image import make_grid, save_png, to_uint8, upscale
 from ..latent import decode_samples, training_space
 from ..io.checkpoint import (CheckpointError, latest_checkpoint, load_tensors, prune_checkpoints, read_json,
                              write_checkpoint)
-from ..models import (TEXT_FILES, build_denoiser, build_text_encoder, caption_corpus, check_conditioning,
-                      load_state_strict)
+from ..models import (FROZEN_TEXT_FILE, TEXT_FILES, build_denoiser, build_text_encoder, caption_corpus,
+                      check_conditioning, load_state_strict, with_text_width)
+from ..text.bert import fingerprint
 from ..text.small import WordTokenizer, text_cond
 from ..pipeline import class_cond, sample
 from .ema import EMA
@@ -80,6 +81,31 @@ class DataOrder:
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
             self._perm = (epoch, torch.randperm(self.n, generator=g))
         return int(self._perm[1][k])
+
+
+class RunPositions(Dataset):
+    """The run's examples by position ``j`` (the j-th example drawn since step 0): the dataset's
+    epoch is set for ``j`` before the item is read, so an item is a pure function of ``j`` in any
+    process and worker-loaded batches equal those loaded in the training process."""
+
+    def __init__(self, dataset: Dataset, order: DataOrder):
+        self.dataset, self.order = dataset, order
+
+    def __len__(self) -> int:
+        return 2**62
+
+    def __getitem__(self, position: int) -> dict:
+        if hasattr(self.dataset, "set_epoch"):  # flips/crops/scenes are a pure function of (item, epoch)
+            self.dataset.set_epoch(position // len(self.dataset))
+        return self.dataset[self.order(position)]
+
+
+def batch_positions(first_step: int, grad_accum: int, batch_size: int):
+    """Positions of every micro-batch from ``first_step`` on, in training order."""
+    k = first_step * grad_accum
+    while True:
+        yield list(range(k * batch_size, (k + 1) * batch_size))
+        k += 1
 
 
 def dataset_for(d: DataConfig) -> Dataset:
@@ -188,6 +214,7 @@ class Trainer:
         self.device = resolve_device(t.device)
         if t.num_threads:
             torch.set_num_threads(t.num_threads)
+        self.config = config = with_text_width(config)  # a frozen text encoder's width, if context_dim is unset
         check_conditioning(config)
         self.space = training_space(config, self.run_dir, resume=resume, device=self.device)  # pixels or latents
         self.dataset: Dataset = dataset_for(config.data)
@@ -195,7 +222,11 @@ class Trainer:
         self.denoiser = build_denoiser(config).to(self.device)
         self.ema = EMA(self.denoiser.net, t.ema_decay)
         self.text = self.text_ema = None
-        if config.text.kind != "none":  # trained with the U-Net; its vocabulary is read off the captions
+        self.text_fingerprint = None
+        if config.text.kind == "hf":  # frozen and pretrained: recorded by folder and SHA-256, never trained or saved
+            self.text_fingerprint = fingerprint(config.text.path)
+            self.text = build_text_encoder(config).to(self.device)
+        elif config.text.kind != "none":  # trained with the U-Net; its vocabulary is read off the captions
             ckpt = latest_checkpoint(self.run_dir) if resume else None
             tok_file = ckpt / TEXT_FILES["tokenizer"] if ckpt is not None else None
             tokenizer = (WordTokenizer.load(tok_file) if tok_file is not None and tok_file.is_file() else
@@ -210,6 +241,9 @@ class Trainer:
         self.noise_gen = torch.Generator(device=self.device).manual_seed(t.seed + 1)
         self.cond_gen = torch.Generator().manual_seed(t.seed + 2)
         self.order = DataOrder(len(self.dataset), config.data.seed, shuffle=config.data.kind != "shapes")
+        if t.num_workers < 0:
+            raise ValueError(f"train.num_workers must be >= 0, got {t.num_workers}")
+        self._batches, self._next_batch = None, None
         self.step = 0
         self.elapsed = 0.0
         if resume:
@@ -218,7 +252,8 @@ class Trainer:
         (self.run_dir / "config.json").write_text(config.to_json())
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        return list(self.denoiser.net.parameters()) + (list(self.text.parameters()) if self.text else [])
+        trained_text = self.text_ema is not None  # a frozen text encoder has no EMA and no trainable parameters
+        return list(self.denoiser.net.parameters()) + (list(self.text.parameters()) if trained_text else [])
 
     # -- state ---------------------------------------------------------------
     def _resume(self) -> None:
@@ -231,9 +266,13 @@ class Trainer:
                                   "resume with the run's own config (omit --preset/--config)")
         load_state_strict(self.denoiser.net, load_tensors(ckpt / "model.safetensors"), str(ckpt))
         load_state_strict(self.ema.shadow, load_tensors(ckpt / "ema.safetensors"), str(ckpt))
-        if self.text is not None:
+        if self.text_ema is not None:
             load_state_strict(self.text, load_tensors(ckpt / TEXT_FILES["model"]), str(ckpt))
             load_state_strict(self.text_ema.shadow, load_tensors(ckpt / TEXT_FILES["ema"]), str(ckpt))
+        if self.text_fingerprint is not None and \
+                read_json(ckpt / FROZEN_TEXT_FILE).get("sha256") != self.text_fingerprint["sha256"]:
+            raise CheckpointError(f"--resume: the text encoder in {self.config.text.path} is not the one {ckpt} was "
+                                  f"trained with (see {ckpt / FROZEN_TEXT_FILE})")
         state = read_json(ckpt / "state.json")
         tensors = load_tensors(ckpt / "state.safetensors")
         _load_optimizer(self.opt, tensors, state["param_groups"])
@@ -257,7 +296,9 @@ class Trainer:
                            "param_groups": groups},
             "config.json": self.config.to_dict(),
         }
-        if self.text is not None:
+        if self.text_fingerprint is not None:
+            files[FROZEN_TEXT_FILE] = self.text_fingerprint
+        elif self.text is not None:
             files[TEXT_FILES["model"]] = self.text.state_dict()
             files[TEXT_FILES["ema"]] = self.text_ema.shadow.state_dict()
             files[TEXT_FILES["tokenizer"]] = self.text.tokenizer.to_json()
@@ -284,14 +325,27 @@ class Trainer:
         return lr
 
     def get_batch(self, step: int, micro: int) -> dict:
+        """Micro-batch ``micro`` of ``step``: from the worker processes when train.num_workers > 0
+        (they run ahead of the training step), else read here; the same items either way."""
         t = self.config.train
+        if t.num_workers > 0:
+            if self._batches is None or self._next_batch != (step, micro):
+                self._start_workers(step)
+            batch = next(self._batches)
+            self._next_batch = (step, micro + 1) if micro + 1 < t.grad_accum else (step + 1, 0)
+            return batch
         start = (step * t.grad_accum + micro) * t.batch_size
-        items = []
-        for j in range(t.batch_size):
-            if hasattr(self.dataset, "set_epoch"):  # flips/crops/scenes are a pure function of (item, epoch)
-                self.dataset.set_epoch((start + j) // len(self.dataset))
-            items.append(self.dataset[self.order(start + j)])
-        return default_collate(items)
+        positions = RunPositions(self.dataset, self.order)
+        return default_collate([positions[start + j] for j in range(t.batch_size)])
+
+    def _start_workers(self, step: int) -> None:
+        from torch.utils.data import DataLoader
+
+        t = self.config.train
+        loader = DataLoader(RunPositions(self.dataset, self.order), batch_sampler=batch_positions(
+            step, t.grad_accum, t.batch_size), num_workers=t.num_workers, pin_memory=self.device.type == "cuda",
+            prefetch_factor=4)
+        self._batches, self._next_batch = iter(loader), (step, 0)
 
     def train_step(self) -> float:
         t = self.config.train
@@ -326,7 +380,7 @@ class Trainer:
             self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         self.ema.update(self.denoiser.net)
-        if self.text is not None:
+        if self.text_ema is not None:
             self.text_ema.update(self.text)
         self.step += 1
         return total
@@ -347,7 +401,7 @@ class Trainer:
             uncond, guidance = class_cond([-1] * n, self.device), s.guidance_scale
         elif d.conditioning == "caption":
             with torch.no_grad():
-                text = self.text_ema.shadow
+                text = self.text_ema.shadow if self.text_ema is not None else self.text  # frozen: no EMA
                 cond = text_cond(text, [self.dataset[self.order(i)]["caption"] for i in range(n)])
                 uncond, guidance = text_cond(text, [""] * n), s.guidance_scale
         den = self.ema_denoiser()
@@ -405,6 +459,7 @@ class Trainer:
                     break
         if bar is not None:
             bar.close()
+        self._batches = None  # ends the worker processes, if any
         last = latest_checkpoint(self.run_dir)
         if last is None or last.name != f"ckpt-{self.step:07d}":
             self.save()
