@@ -4,11 +4,13 @@ The published SD 1.5 architecture (unet/, vae/ config.json of the released diffu
 repository; CLIP ViT-L/14 text tower) is built by diffusers with random weights and saved
 once as a diffusers folder (on CPU); each library then loads that folder in its own subprocess,
 on the chosen device and in the chosen dtype, and generates one image (CFG, default 20 Euler
-steps at 512x512) while recording
+steps at 512x512) while recording (the model's files are read once before each library starts,
+so both find them in the OS page cache)
 
 * seconds per U-Net step (median interval between step callbacks; one step = one batched
   cond + uncond forward pass),
-* seconds per image (the whole call: text encoding, sampling, VAE decoding),
+* seconds per image (the whole call: text encoding, sampling, VAE decoding), and load + image
+  (sumie reads its weights lazily inside the call, diffusers in ``from_pretrained``),
 * peak resident memory of the process (``VmHWM``: loading included),
 * the U-Net's achieved GFLOP/s: FLOPs of one CFG step counted by ``torch.utils.flop_counter``
   divided by the measured step time.
@@ -16,7 +18,9 @@ steps at 512x512) while recording
 With ``--device cuda`` each worker first runs a 2-step warm-up generation at the same size (kernel
 and cuDNN algorithm selection are not timed), synchronizes the GPU before every timestamp, and
 also records the peak GPU memory (``torch.cuda.max_memory_allocated``, loading included) as
-``peak_gpu_mb``. It prints both rows and the sumie/diffusers ratios; ``--json`` also writes them
+``peak_gpu_mb``, and the time from loading to the end of the warm-up image as ``first_s`` (sumie
+builds its stages on first use and keeps them on CUDA, so its loading happens there). It prints
+both rows and the sumie/diffusers ratios; ``--json`` also writes them
 to a file. The weights are random, so images are noise; speed and memory do not depend on the
 values. The tokenizer is a small byte-level BPE vocabulary (CLIP's is not shipped), which
 changes nothing about the networks' cost.
@@ -102,6 +106,16 @@ def build(folder: Path) -> None:
     del pipe
 
 
+def prime_page_cache(folder: Path) -> None:
+    """Read every file of the model once, so that each library starts with its weights in the OS
+    page cache: without this the first library measured pays the disk reads for both."""
+    for f in sorted(folder.rglob("*")):
+        if f.is_file():
+            with open(f, "rb") as fh:
+                while fh.read(1 << 24):
+                    pass
+
+
 def unet_flops(unet_call) -> int:
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -153,8 +167,11 @@ def worker(lib: str, folder: Path, size: int, steps: int, vae_tile: int | None, 
                      output_type="np")
     sync(device)
     load_s = time.perf_counter() - t0
+    first_s = None
     if device == "cuda":  # kernel / cuDNN algorithm selection happens here, untimed
         generate(2)
+        sync(device)
+        first_s = time.perf_counter() - t0  # load + a 2-step image: sumie builds (uploads) its stages here
         stamps.clear()
     t1 = time.perf_counter()
     generate(steps)
@@ -162,7 +179,8 @@ def worker(lib: str, folder: Path, size: int, steps: int, vae_tile: int | None, 
     image_s = time.perf_counter() - t1
     extra = {}
     if device == "cuda":
-        extra = {"peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20, "gpu": torch.cuda.get_device_name()}
+        extra = {"peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20, "gpu": torch.cuda.get_device_name(),
+                 "first_s": first_s}
     rss = peak_rss_mb()
     x = torch.randn(2, 4, latent, latent, device=device, dtype=dt)
     ctx = torch.randn(2, 77, 768, device=device, dtype=dt)
@@ -175,7 +193,8 @@ def worker(lib: str, folder: Path, size: int, steps: int, vae_tile: int | None, 
     # sumie reports before each step, diffusers after: both give steps-1 full step intervals
     gaps = sorted(b - a for a, b in zip(stamps, stamps[1:]))
     step_s = gaps[len(gaps) // 2] if gaps else image_s / steps
-    return {"lib": lib, "load_s": load_s, "step_s": step_s, "image_s": image_s, "peak_rss_mb": rss, **extra,
+    return {"lib": lib, "load_s": load_s, "step_s": step_s, "image_s": image_s, "total_s": load_s + image_s,
+            "peak_rss_mb": rss, **extra,
             "unet_gflop_per_step": flops / 1e9, "gflops": flops / 1e9 / step_s}
 
 
@@ -213,6 +232,7 @@ def main(argv=None) -> int:
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
     rows = {}
     for lib in ("sumie", "diffusers"):
+        prime_page_cache(folder)
         cmd = [sys.executable, __file__, "--worker", lib, "--folder", str(folder), "--size", str(args.size),
                "--steps", str(args.steps), "--threads", str(args.threads), "--device", args.device,
                "--dtype", args.dtype]
@@ -227,10 +247,12 @@ def main(argv=None) -> int:
     device = f"{args.device} ({rows['sumie']['gpu']})" if args.device == "cuda" else args.device
     print(f"SD 1.5 architecture, random weights, {device} {args.dtype}, {args.size}x{args.size}, {args.steps} Euler "
           f"steps, CFG 7.5, {args.threads} thread(s), torch {torch.__version__}")
-    cols = [("load_s", "load s"), ("step_s", "s/U-Net step"), ("image_s", "s/image"), ("peak_rss_mb", "peak RSS MB"),
+    cols = [("load_s", "load s"), ("step_s", "s/U-Net step"), ("image_s", "s/image"), ("total_s", "load+image s"),
+            ("peak_rss_mb", "peak RSS MB"),
             ("unet_gflop_per_step", "GFLOP/step"), ("gflops", "U-Net GFLOP/s")]
     if args.device == "cuda":
         cols.insert(4, ("peak_gpu_mb", "peak GPU MB"))
+        cols.insert(1, ("first_s", "load+2 steps s"))
     ratio = {k: rows["sumie"][k] / rows["diffusers"][k] for k, _ in cols}
     print(f"{'':<10}" + "".join(f"{h:>15}" for _, h in cols))
     for lib, r in rows.items():

@@ -161,6 +161,33 @@ def test_lora_through_the_pipeline_and_tiled_decode(tmp_path):
     assert torch.equal(ours("a cat", steps=4, seed=1, height=SIZE, width=SIZE), base)
 
 
+def test_keep_loaded_builds_each_stage_once_and_a_lora_rebuilds(tmp_path):
+    from sumie.io.checkpoint import save_tensors
+
+    pipe, folder, _ = build_diffusers(tmp_path, "sd1")
+    plain = StableDiffusion.from_pretrained(folder)
+    assert not plain.keep_loaded and plain.stream_weights  # CPU defaults: stages freed, U-Net streamed
+    base = plain("a cat", steps=3, seed=1, height=SIZE, width=SIZE)
+    unstreamed = StableDiffusion.from_pretrained(folder, stream_weights=False)
+    assert torch.equal(unstreamed("a cat", steps=3, seed=1, height=SIZE, width=SIZE), base)
+    kept = StableDiffusion.from_pretrained(folder, keep_loaded=True)
+    builds = []
+    for name in ("build_text", "build_unet"):
+        orig = getattr(kept, name)
+        setattr(kept, name, lambda *a, _o=orig, _n=name, **k: (builds.append(_n), _o(*a, **k))[1])
+    for _ in range(2):
+        assert torch.equal(kept("a cat", steps=3, seed=1, height=SIZE, width=SIZE), base)
+    assert builds == ["build_text", "build_unet"] and set(kept._stages) == {"text", "unet", "vae"}
+    name = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_v"
+    g = torch.Generator().manual_seed(0)
+    save_tensors(tmp_path / "l.safetensors", {name + ".lora_down.weight": torch.randn(4, 768, generator=g),
+                                              name + ".lora_up.weight": torch.randn(32, 4, generator=g)})
+    kept.load_lora(tmp_path / "l.safetensors", 1.0)
+    assert max_diff(kept("a cat", steps=3, seed=1, height=SIZE, width=SIZE), base) > 2  # the LoRA is in use
+    kept.clear_loras()
+    assert torch.equal(kept("a cat", steps=3, seed=1, height=SIZE, width=SIZE), base)
+
+
 def test_cli_generate_runs_a_diffusers_folder_with_a_lora(tmp_path, capsys):
     from PIL import Image
 

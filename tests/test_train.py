@@ -158,3 +158,28 @@ def test_bf16_autocast_and_gradient_accumulation_paths(tiny_config, tmp_path):
     tiny_config.train.precision = "fp64"
     with pytest.raises(ValueError, match="valid: auto, fp32, bf16, fp16"):
         Trainer(tiny_config, tmp_path / "bad", progress=False)
+
+
+def test_init_from_starts_at_the_models_ema_weights_and_checks_the_architecture(tmp_path):
+    from sumie.config import preset
+    from sumie.io.checkpoint import CheckpointError
+    from sumie.models import export_model
+
+    cfg = preset("tiny-text")
+    cfg.train.max_steps, cfg.train.ckpt_every, cfg.train.sample_every = 3, 3, 0
+    train(cfg, tmp_path / "a", progress=False)
+    model = export_model(tmp_path / "a", tmp_path / "model")  # fp16 EMA weights
+    cfg.train.init_from = str(model)
+    tr = Trainer(cfg, tmp_path / "b", progress=False)
+    ema = load_tensors(model / "ema.safetensors")
+    for k, v in tr.denoiser.net.state_dict().items():
+        assert torch.equal(v, ema[k].float()) and torch.equal(tr.ema.shadow.state_dict()[k], v)
+    text = load_tensors(model / "text_encoder_ema.safetensors")
+    assert all(torch.equal(v, text[k].float()) for k, v in tr.text.state_dict().items())
+    from sumie.io.checkpoint import read_json
+
+    assert tr.step == 0 and tr.text.tokenizer.to_json() == read_json(model / "tokenizer.json")  # the model's vocabulary
+    assert tr.run().step == 3
+    cfg.model.model_channels *= 2
+    with pytest.raises(CheckpointError, match=r"\[model\] config .* differs"):
+        Trainer(cfg, tmp_path / "d", progress=False)

@@ -87,6 +87,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     num_threads: int | None = None
     num_workers: int = 0  # data-loading worker processes (0: load in the training process); order unchanged
+    init_from: str | None = None  # start from this model's EMA weights (run, ckpt-* or exported folder): fine-tuning
 
 
 @dataclass

@@ -7,7 +7,8 @@ Latent Diffusion Models") from sumie's own parts.
 
 The checkpoint stays a lazy, memory-mapped :class:`~sumie.io.sd.SDCheckpoint`; each stage
 (text encoders, U-Net, autoencoder) is built when it is needed and freed right after, so
-at most one stage's weights are resident (safetensors pages are mapped, not copied).
+at most one stage's weights are resident (safetensors pages are mapped, not copied); on CUDA
+the stages are kept between calls instead (``keep_loaded``), so only the first call uploads them.
 LoRAs are checked against the model when loaded and merged into (or hooked onto) each
 stage as it is built.
 
@@ -37,6 +38,7 @@ Intentional differences from diffusers' ``StableDiffusionPipeline``:
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import json
 from pathlib import Path
@@ -51,6 +53,7 @@ from ..image import to_uint8
 from ..io.checkpoint import CheckpointError
 from ..io.sd import SDCheckpoint, load_sd
 from ..io.sd.lora import LoraDelta, apply_deltas, read_lora, resolve_all
+from ..io.sd.tensors import drop_mapped_pages, materialize
 from ..nn.unet import UNet
 from ..pipeline import resolve_sampling, sigmas_for
 from ..samplers import SAMPLERS, generators_for, randn
@@ -85,12 +88,40 @@ def scheduler_sigmas(schedule: DiscreteSchedule, steps: int, spacing: str = "lea
     return append_zero(schedule.sigmas[ts])
 
 
+def free_memory() -> None:
+    """Collect garbage and hand freed heap pages back to the OS (glibc ``malloc_trim``): a finished
+    stage's activations otherwise stay in the allocator's arenas and count towards peak memory."""
+    gc.collect()
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def stream_blocks(unet: UNet) -> list:
+    """Forward hooks that drop the mapped weight pages after each U-Net block (input blocks,
+    middle, output blocks), so only the running block's weights are resident; remove them after."""
+    blocks = [*unet.input_blocks, unet.middle_block, *unet.output_blocks]
+    return [b.register_forward_hook(lambda *_: drop_mapped_pages()) for b in blocks]
+
+
+def _glibc():
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim.argtypes = [ctypes.c_size_t]
+        return libc
+    except (OSError, AttributeError):  # not glibc (macOS, Windows, musl): nothing to trim
+        return None
+
+
+_LIBC = _glibc()
+
+
 class StableDiffusion:
     """Text-to-image with a Stable Diffusion 1.x / 2.x / XL checkpoint (see module docstring)."""
 
     def __init__(self, checkpoint: SDCheckpoint, *, tokenizer: ClipTokenizer | None = None,
                  scheduler: dict | None = None, text_folder: Path | None = None, device: str | torch.device = "cpu",
-                 dtype: torch.dtype = torch.float32, vae_tile: int | None = None):
+                 dtype: torch.dtype = torch.float32, vae_tile: int | None = None, keep_loaded: bool | None = None,
+                 stream_weights: bool | None = None):
         if checkpoint.unet_config.in_channels != 4:
             raise CheckpointError(f"{checkpoint.family.title} (U-Net with {checkpoint.unet_config.in_channels} input "
                                   "channels) is not a text-to-image model; this pipeline needs a 4-channel U-Net")
@@ -103,18 +134,40 @@ class StableDiffusion:
         self.vae_tile = vae_tile  # latent tile size for tiled VAE decoding (None: whole image)
         self.loras: list[LoraDelta] = []
         self.merge_loras: list[bool] = []
+        # keep each stage's modules between calls (default on CUDA, where a call should not re-upload
+        # the weights); on CPU they are freed after each stage, which bounds peak memory
+        self.keep_loaded = self.device.type == "cuda" if keep_loaded is None else keep_loaded
+        self._stages: dict[str, torch.nn.Module] = {}
+        # CPU: the U-Net's memory-mapped weights leave memory after each block (drop_mapped_pages), so
+        # at most one block's weights are resident; they are read again from the page cache next step
+        self.stream_weights = self.device.type == "cpu" if stream_weights is None else stream_weights
+
+    def _stage(self, name: str, build: Callable[[], torch.nn.Module]) -> torch.nn.Module:
+        """Stage ``name`` built now, or kept from an earlier call when ``keep_loaded``."""
+        if not self.keep_loaded:
+            return build()
+        if name not in self._stages:
+            self._stages[name] = build()
+        return self._stages[name]
+
+    def unload(self) -> None:
+        """Drop the stages kept by ``keep_loaded`` (they are built again when next needed)."""
+        self._stages.clear()
+        free_memory()
 
     @classmethod
     def from_pretrained(cls, path: str | Path, *, vae: str | Path | None = None, allow_pickle: bool = False,
                         device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                         tokenizer: ClipTokenizer | str | Path | None = None, prediction: str | None = None,
-                        vae_tile: int | None = None, text_encoders: dict[str, str | Path] | None = None
-                        ) -> "StableDiffusion":
+                        vae_tile: int | None = None, text_encoders: dict[str, str | Path] | None = None,
+                        keep_loaded: bool | None = None, stream_weights: bool | None = None) -> "StableDiffusion":
         """A single file, diffusers folder or sumie folder (:func:`sumie.io.sd.load_sd`). Single
         files carry no tokenizer: give ``tokenizer`` (a ``tokenizer/`` folder or a ClipTokenizer),
         else CLIP's BPE file is looked up (``ClipTokenizer.from_openai_bpe``). ``vae`` and
         ``text_encoders`` ({slot: file}, slots as in :mod:`sumie.io.sd.families`) replace the
-        checkpoint's own; text encoders are checked against the U-Net's cross-attention first."""
+        checkpoint's own; text encoders are checked against the U-Net's cross-attention first.
+        ``keep_loaded`` keeps the built stages between calls (default: on CUDA only);
+        ``stream_weights`` keeps at most one U-Net block's mapped weights resident (default: on CPU)."""
         path = Path(path)
         sd = load_sd(path, allow_pickle=allow_pickle, prediction=prediction, vae=vae, text_encoders=text_encoders)
         scheduler, text_folder = {}, None
@@ -131,7 +184,7 @@ class StableDiffusion:
             tokenizer = ClipTokenizer.from_folder(tok) if tok is not None and tok.is_dir() else \
                 ClipTokenizer.from_openai_bpe()
         return cls(sd, tokenizer=tokenizer, scheduler=scheduler, text_folder=text_folder, device=device, dtype=dtype,
-                   vae_tile=vae_tile)
+                   vae_tile=vae_tile, keep_loaded=keep_loaded, stream_weights=stream_weights)
 
     # ------------------------------------------------------------ stages
 
@@ -156,7 +209,7 @@ class StableDiffusion:
             sd = {}
             for i, s in enumerate(specs):
                 w = self.checkpoint.text_encoders[s.diffusers].in_layout(s.layout)
-                sd.update({f"{i}.{k}": ref.load() for k, ref in w.items()})
+                sd.update({f"{i}.{k}": t for k, t in materialize(w).items()})
             cond = SDTextConditioner.from_state_dict(self.family, sd, self.tokenizer,
                                                      prefixes=tuple(f"{i}." for i in range(len(specs))), **kw)
         self._apply(self._text_models(cond))
@@ -192,6 +245,7 @@ class StableDiffusion:
         deltas = resolve_all(models, [(lora, strength)])
         self.loras += deltas
         self.merge_loras += [merge] * len(deltas)
+        self.unload()  # kept stages lack the new LoRA
         return len(deltas)
 
     def build_text_plain(self) -> SDTextConditioner:
@@ -203,6 +257,7 @@ class StableDiffusion:
 
     def clear_loras(self) -> None:
         self.loras, self.merge_loras = [], []
+        self.unload()
 
     # ------------------------------------------------------------ sampling
 
@@ -238,28 +293,33 @@ class StableDiffusion:
             raise ValueError(f"height and width must be multiples of {mult} for this model, got {height}x{width}; "
                              f"nearest valid size: --height {near[0]} --width {near[1]}")
 
-        text = self.build_text()  # stage 1: text
+        text = self._stage("text", self.build_text)  # stage 1: text
         c, u = text.encode_pair(prompts, negs)
         size = dict(original_size=(height, width), target_size=(height, width))
         cond, uncond = text.unet_cond(c, **size), text.unet_cond(u, **size)
         del text, c, u
-        gc.collect()
+        free_memory()
 
-        unet = self.build_unet()  # stage 2: denoising
+        unet = self._stage("unet", self.build_unet)  # stage 2: denoising
         denoiser = DiscreteDenoiser(unet, self.schedule, self.checkpoint.prediction)
         sampler, schedule = resolve_sampling(sampler, schedule, default_schedule=None)
         sigmas = self.sigmas(steps, schedule, denoiser).to(torch.float32)
         x = self.initial_noise(n, height, width, float(sigmas[0]), seed).to(self.device, self.dtype)
         model = CFGDenoiser(denoiser, uncond, guidance_scale) if guidance_scale != 1.0 else denoiser
         kw = {"eta": eta} if eta is not None else {}
-        latent = SAMPLERS[sampler](model, x, sigmas.to(self.device), cond=cond, callback=callback,
-                                   generator=generators_for(seed, n), **kw)
+        hooks = stream_blocks(unet) if self.stream_weights else []
+        try:
+            latent = SAMPLERS[sampler](model, x, sigmas.to(self.device), cond=cond, callback=callback,
+                                       generator=generators_for(seed, n), **kw)
+        finally:
+            for h in hooks:
+                h.remove()
         del model, denoiser, unet, cond, uncond
-        gc.collect()
+        free_memory()
 
-        vae = self.checkpoint.build_vae(self.dtype, self.device)  # stage 3: pixels
+        vae = self._stage("vae", lambda: self.checkpoint.build_vae(self.dtype, self.device))  # stage 3: pixels
         z = vae.from_latent(latent.to(self.dtype))
         image = vae.decode_tiled(z, self.vae_tile, self.vae_tile // 8) if self.vae_tile else vae.decode(z)
         del vae
-        gc.collect()
+        free_memory()
         return torch.from_numpy(to_uint8(image))

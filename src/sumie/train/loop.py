@@ -27,7 +27,7 @@ from ..diffusion.schedules import LogNormalSigma, UniformTimestepSigma
 from ..image import make_grid, save_png, to_uint8, upscale
 from ..latent import decode_samples, training_space
 from ..io.checkpoint import (CheckpointError, latest_checkpoint, load_tensors, prune_checkpoints, read_json,
-                             write_checkpoint)
+                             resolve_checkpoint, write_checkpoint)
 from ..models import (FROZEN_TEXT_FILE, TEXT_FILES, build_denoiser, build_text_encoder, caption_corpus,
                       check_conditioning, load_state_strict, with_text_width)
 from ..text.bert import fingerprint
@@ -228,6 +228,8 @@ class Trainer:
             self.text = build_text_encoder(config).to(self.device)
         elif config.text.kind != "none":  # trained with the U-Net; its vocabulary is read off the captions
             ckpt = latest_checkpoint(self.run_dir) if resume else None
+            if ckpt is None and t.init_from:  # fine-tuning keeps the vocabulary its embeddings were trained on
+                ckpt = resolve_checkpoint(t.init_from)
             tok_file = ckpt / TEXT_FILES["tokenizer"] if ckpt is not None else None
             tokenizer = (WordTokenizer.load(tok_file) if tok_file is not None and tok_file.is_file() else
                          WordTokenizer.build(caption_corpus(self.dataset), config.text.max_length))
@@ -248,6 +250,8 @@ class Trainer:
         self.elapsed = 0.0
         if resume:
             self._resume()
+        elif t.init_from:
+            self._init_from(t.init_from)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.json").write_text(config.to_json())
 
@@ -256,6 +260,26 @@ class Trainer:
         return list(self.denoiser.net.parameters()) + (list(self.text.parameters()) if trained_text else [])
 
     # -- state ---------------------------------------------------------------
+    def _init_from(self, path: str) -> None:
+        """Start from another model's EMA weights (U-Net and trained text encoder; a fresh optimizer
+        at step 0): the architecture, diffusion and text settings must be the same."""
+        ckpt = resolve_checkpoint(path)
+        other = from_dict(read_json(ckpt / "config.json"))
+        for section in ("model", "diffusion", "text"):
+            if getattr(other, section) != getattr(self.config, section):
+                raise CheckpointError(f"train.init_from: the [{section}] config of {ckpt} differs from this run's; "
+                                      f"fine-tuning needs the same architecture (start from its config.json)")
+        weights = load_tensors(ckpt / "ema.safetensors")
+        load_state_strict(self.denoiser.net, weights, str(ckpt))
+        load_state_strict(self.ema.shadow, weights, str(ckpt))
+        if self.text_ema is not None:
+            text = load_tensors(ckpt / TEXT_FILES["ema"])
+            load_state_strict(self.text, text, str(ckpt))
+            load_state_strict(self.text_ema.shadow, text, str(ckpt))
+        self.ema.num_updates = 10**6  # the averages start at these weights with the full decay, no warm-up
+        if self.text_ema is not None:
+            self.text_ema.num_updates = self.ema.num_updates
+
     def _resume(self) -> None:
         ckpt = latest_checkpoint(self.run_dir)
         if ckpt is None:
