@@ -26,6 +26,7 @@ values. The tokenizer is a small byte-level BPE vocabulary (CLIP's is not shippe
 changes nothing about the networks' cost.
 
     python benchmarks/sd_perf.py [--size 512] [--steps 20] [--threads 1] [--workdir DIR] [--vae-tile 64] [--json PATH]
+                                 [--variants resident,stream] [--repeat 2]
     PYTHONPATH=src python benchmarks/sd_perf.py --device cuda --dtype fp16 [--json PATH]   # GPU, sumie not installed
 """
 
@@ -138,10 +139,12 @@ def worker(lib: str, folder: Path, size: int, steps: int, vae_tile: int | None, 
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    if lib == "sumie":
+    if lib.startswith("sumie"):
         from sumie.pipelines import StableDiffusion
 
-        pipe = StableDiffusion.from_pretrained(folder, vae_tile=vae_tile, device=device, dtype=dt)
+        stream = {"sumie": None, "sumie-resident": False, "sumie-stream": True}[lib]
+        pipe = StableDiffusion.from_pretrained(folder, vae_tile=vae_tile, device=device, dtype=dt,
+                                               stream_weights=stream)
 
         def generate(n_steps: int) -> None:
             pipe(PROMPT, NEGATIVE, steps=n_steps, guidance_scale=7.5, sampler="euler", seed=0, height=size,
@@ -185,7 +188,7 @@ def worker(lib: str, folder: Path, size: int, steps: int, vae_tile: int | None, 
     x = torch.randn(2, 4, latent, latent, device=device, dtype=dt)
     ctx = torch.randn(2, 77, 768, device=device, dtype=dt)
     t = torch.full((2,), 500.0, device=device)
-    if lib == "sumie":
+    if lib.startswith("sumie"):
         unet = pipe.build_unet()  # the pipeline builds its U-Net per call: build one to count
         flops = unet_flops(lambda: unet(x, t, {"context": ctx}))
     else:
@@ -208,7 +211,12 @@ def main(argv=None) -> int:
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="weights and activations of both pipelines")
     ap.add_argument("--json", type=Path, default=None, help="also write the rows and ratios to this JSON file")
-    ap.add_argument("--worker", choices=["sumie", "diffusers"], help=argparse.SUPPRESS)
+    ap.add_argument("--repeat", type=int, default=1, help="rounds, in alternating order; each library's best run "
+                    "(least load + image time) is reported, all runs go into --json")
+    ap.add_argument("--variants", default="", help="also measure sumie with these CPU memory modes (comma list): "
+                    "resident (stream_weights=False), stream (every U-Net block streamed)")
+    ap.add_argument("--worker", choices=["sumie", "sumie-resident", "sumie-stream", "diffusers"],
+                    help=argparse.SUPPRESS)
     ap.add_argument("--folder", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -230,38 +238,47 @@ def main(argv=None) -> int:
         subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
                         f"import sd_perf; from pathlib import Path; sd_perf.build(Path({str(folder)!r}))"], check=True)
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
-    rows = {}
-    for lib in ("sumie", "diffusers"):
-        prime_page_cache(folder)
-        cmd = [sys.executable, __file__, "--worker", lib, "--folder", str(folder), "--size", str(args.size),
-               "--steps", str(args.steps), "--threads", str(args.threads), "--device", args.device,
-               "--dtype", args.dtype]
-        if args.vae_tile:
-            cmd += ["--vae-tile", str(args.vae_tile)]
-        out = subprocess.run(cmd, env=env, capture_output=True, text=True)
-        line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
-        if out.returncode or line is None:
-            print(out.stdout[-2000:], out.stderr[-4000:], file=sys.stderr)
-            return 1
-        rows[lib] = json.loads(line[len("RESULT "):])
+    variants = [v for v in args.variants.split(",") if v]
+    if set(variants) - {"resident", "stream"}:
+        ap.error(f"--variants takes resident and/or stream, got {args.variants!r}")
+    libs = ("sumie", *(f"sumie-{v}" for v in variants), "diffusers")
+    runs: dict[str, list[dict]] = {lib: [] for lib in libs}
+    for r in range(args.repeat):  # rounds in alternating order: a machine that speeds up or slows down
+        for lib in (libs if r % 2 == 0 else libs[::-1]):  # mid-run does not favour one library
+            prime_page_cache(folder)
+            cmd = [sys.executable, __file__, "--worker", lib, "--folder", str(folder), "--size", str(args.size),
+                   "--steps", str(args.steps), "--threads", str(args.threads), "--device", args.device,
+                   "--dtype", args.dtype]
+            if args.vae_tile:
+                cmd += ["--vae-tile", str(args.vae_tile)]
+            out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
+            if out.returncode or line is None:
+                print(out.stdout[-2000:], out.stderr[-4000:], file=sys.stderr)
+                return 1
+            runs[lib].append(json.loads(line[len("RESULT "):]))
+    rows = {lib: min(rs, key=lambda row: row["total_s"]) for lib, rs in runs.items()}  # each library's best run
     device = f"{args.device} ({rows['sumie']['gpu']})" if args.device == "cuda" else args.device
     print(f"SD 1.5 architecture, random weights, {device} {args.dtype}, {args.size}x{args.size}, {args.steps} Euler "
-          f"steps, CFG 7.5, {args.threads} thread(s), torch {torch.__version__}")
+          f"steps, CFG 7.5, {args.threads} thread(s), torch {torch.__version__}"
+          + (f"; best of {args.repeat} runs each, alternating order" if args.repeat > 1 else ""))
     cols = [("load_s", "load s"), ("step_s", "s/U-Net step"), ("image_s", "s/image"), ("total_s", "load+image s"),
             ("peak_rss_mb", "peak RSS MB"),
             ("unet_gflop_per_step", "GFLOP/step"), ("gflops", "U-Net GFLOP/s")]
     if args.device == "cuda":
         cols.insert(4, ("peak_gpu_mb", "peak GPU MB"))
         cols.insert(1, ("first_s", "load+2 steps s"))
-    ratio = {k: rows["sumie"][k] / rows["diffusers"][k] for k, _ in cols}
-    print(f"{'':<10}" + "".join(f"{h:>15}" for _, h in cols))
+    ratios = {lib: {k: rows[lib][k] / rows["diffusers"][k] for k, _ in cols} for lib in rows if lib != "diffusers"}
+    ratio = ratios["sumie"]
+    print(f"{'':<15}" + "".join(f"{h:>15}" for _, h in cols))
     for lib, r in rows.items():
-        print(f"{lib:<10}" + "".join(f"{r[k]:>15.3f}" for k, _ in cols))
-    print(f"{'ratio':<10}" + "".join(f"{ratio[k]:>15.3f}" for k, _ in cols) + "   (sumie / diffusers)")
+        print(f"{lib:<15}" + "".join(f"{r[k]:>15.3f}" for k, _ in cols))
+    for lib, rt in ratios.items():
+        print(f"{'ratio':<15}" + "".join(f"{rt[k]:>15.3f}" for k, _ in cols) + f"   ({lib} / diffusers)")
     if args.json:
         config = {k: getattr(args, k) for k in ("device", "dtype", "size", "steps", "threads", "vae_tile")}
         args.json.write_text(json.dumps({"config": {**config, "torch": torch.__version__}, "rows": rows,
-                                         "ratio": ratio}, indent=2) + "\n")
+                                         "ratio": ratio, "ratios": ratios, "runs": runs}, indent=2) + "\n")
     if tmp is not None:
         tmp.cleanup()
     return 0

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from sumie.io.sd.tensors import SafetensorsFile, drop_mapped_pages, materialize, open_safetensors, release_files
+from sumie.io.sd.tensors import SafetensorsFile, drop_pages, materialize, open_safetensors, release_files
 
 
 def test_reads_every_dtype_exactly_as_safetensors_does(tmp_path):
@@ -47,10 +47,36 @@ def test_mapped_pages_leave_memory_when_dropped_or_released_and_tensors_stay_val
     assert sum(float(t[::64, ::64].sum()) for t in tensors.values()) > 0  # touches every page row
     total = sum(float(t.sum()) for t in tensors.values())
     assert _rss_file_mb() - base > 80  # the weights are resident, as file pages
-    drop_mapped_pages()
+    anon = torch.full((1024, 1024), 3.0)  # not from a file: never advised (its pages would be zeroed)
+    assert drop_pages([anon]) == 0 and float(anon.sum()) == 3.0 * 2**20
+    half = [tensors[f"w{i}"] for i in range(12)]
+    assert drop_pages(half) > 45 * 2**20
+    assert 35 < _rss_file_mb() - base < 60  # only those pages left
+    drop_pages(tensors.values())
     assert _rss_file_mb() - base < 10
     assert sum(float(t.sum()) for t in tensors.values()) == total  # read back from the file
-    del tensors
+    assert _rss_file_mb() - base > 80
+    del tensors, half
     gc.collect()
     assert _rss_file_mb() - base < 10  # freed tensors unmap the file
     release_files()  # idempotent
+
+
+def test_stream_blocks_hooks_the_first_blocks_holding_the_fraction():
+    from sumie.config import preset
+    from sumie.nn.unet import UNet
+    from sumie.pipelines.sd import stream_blocks
+
+    unet = UNet(preset("tiny").model)
+    blocks = [*unet.input_blocks, unet.middle_block, *unet.output_blocks]
+    sizes = [sum(p.numel() for p in b.parameters()) for b in blocks]
+    for fraction in (0.0, 0.3, 1.0):
+        hooks = stream_blocks(unet, fraction)
+        hooked = [b for b in blocks if b._forward_hooks]
+        assert hooked == blocks[:len(hooks)]  # a prefix, in running order
+        covered = sum(sizes[:len(hooks)])
+        assert covered >= fraction * sum(sizes) and (not hooks or covered - sizes[len(hooks) - 1] < fraction * sum(sizes))
+        for h in hooks:
+            h.remove()
+    with pytest.raises(ValueError, match="fraction"):
+        stream_blocks(unet, 2.0)

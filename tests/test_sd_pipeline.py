@@ -166,10 +166,13 @@ def test_keep_loaded_builds_each_stage_once_and_a_lora_rebuilds(tmp_path):
 
     pipe, folder, _ = build_diffusers(tmp_path, "sd1")
     plain = StableDiffusion.from_pretrained(folder)
-    assert not plain.keep_loaded and plain.stream_weights  # CPU defaults: stages freed, U-Net streamed
+    assert not plain.keep_loaded and plain.stream_weights in (0.2, 1.0)  # CPU: stages freed, U-Net streamed
     base = plain("a cat", steps=3, seed=1, height=SIZE, width=SIZE)
-    unstreamed = StableDiffusion.from_pretrained(folder, stream_weights=False)
-    assert torch.equal(unstreamed("a cat", steps=3, seed=1, height=SIZE, width=SIZE), base)
+    for stream in (False, 0.5, True):
+        other = StableDiffusion.from_pretrained(folder, stream_weights=stream)
+        assert torch.equal(other("a cat", steps=3, seed=1, height=SIZE, width=SIZE), base)
+    with pytest.raises(ValueError, match="fraction in"):
+        StableDiffusion.from_pretrained(folder, stream_weights=1.5)
     kept = StableDiffusion.from_pretrained(folder, keep_loaded=True)
     builds = []
     for name in ("build_text", "build_unet"):

@@ -194,7 +194,7 @@ class SpatialTransformer(nn.Module):
         x = self.norm(x)
         if not self.use_linear:
             x = self.proj_in(x)
-        x = x.flatten(2).transpose(1, 2)  # (B, H*W, C)
+        x = x.permute(0, 2, 3, 1).reshape(b, h * w, -1)  # (B, H*W, C), contiguous: LayerNorm and adds run dense
         if self.use_linear:
             x = self.proj_in(x)
         for block in self.transformer_blocks:

@@ -41,6 +41,7 @@ from __future__ import annotations
 import ctypes
 import gc
 import json
+import math
 from pathlib import Path
 from typing import Callable
 
@@ -53,7 +54,7 @@ from ..image import to_uint8
 from ..io.checkpoint import CheckpointError
 from ..io.sd import SDCheckpoint, load_sd
 from ..io.sd.lora import LoraDelta, apply_deltas, read_lora, resolve_all
-from ..io.sd.tensors import drop_mapped_pages, materialize
+from ..io.sd.tensors import drop_pages, materialize
 from ..nn.unet import UNet
 from ..pipeline import resolve_sampling, sigmas_for
 from ..samplers import SAMPLERS, generators_for, randn
@@ -96,11 +97,44 @@ def free_memory() -> None:
         _LIBC.malloc_trim(0)
 
 
-def stream_blocks(unet: UNet) -> list:
-    """Forward hooks that drop the mapped weight pages after each U-Net block (input blocks,
-    middle, output blocks), so only the running block's weights are resident; remove them after."""
+def stream_blocks(unet: UNet, fraction: float = 1.0) -> list:
+    """Forward hooks that drop a U-Net block's memory-mapped weight pages after the block has run
+    (:func:`~sumie.io.sd.tensors.drop_pages`), for the first blocks in running order (input
+    blocks, middle, output blocks) that hold ``fraction`` of the weights; remove them after.
+
+    With ``fraction = 1`` at most one block's weights are resident; each step then reads every
+    weight page again from the page cache (~3% of a CPU step for SD 1.5). A smaller fraction
+    trades memory for that cost: the peak falls by about the streamed bytes less the largest
+    streamed block."""
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"stream fraction must be in [0, 1], got {fraction}")
     blocks = [*unet.input_blocks, unet.middle_block, *unet.output_blocks]
-    return [b.register_forward_hook(lambda *_: drop_mapped_pages()) for b in blocks]
+    sizes = [sum(p.numel() * p.element_size() for p in b.parameters()) for b in blocks]
+    chosen, acc = [], 0
+    for block, size in zip(blocks, sizes):
+        if fraction == 0 or acc >= fraction * sum(sizes):
+            break
+        chosen.append(block)
+        acc += size
+
+    def after(module, args, output) -> None:  # a forward hook must return None to keep the output
+        drop_pages(module.parameters())
+
+    return [b.register_forward_hook(after) for b in chosen]
+
+
+def auto_stream_fraction(checkpoint: SDCheckpoint) -> float:
+    """How much of the U-Net to stream on CPU by default: all of it when its weights would take more
+    than a quarter of the memory available now (or that cannot be read: not Linux), so a laptop
+    holds one block at a time; else the first fifth, which takes the peak below three quarters of
+    a copying loader's at under 1% of the step time (benchmarks/sd_perf.py)."""
+    weights = sum(math.prod(r.shape) for r in checkpoint.unet.values()) * 4  # fp32 bytes
+    try:
+        with open("/proc/meminfo") as fh:
+            available = next(int(line.split()[1]) * 1024 for line in fh if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return 1.0
+    return 1.0 if weights > available / 4 else 0.2
 
 
 def _glibc():
@@ -121,7 +155,7 @@ class StableDiffusion:
     def __init__(self, checkpoint: SDCheckpoint, *, tokenizer: ClipTokenizer | None = None,
                  scheduler: dict | None = None, text_folder: Path | None = None, device: str | torch.device = "cpu",
                  dtype: torch.dtype = torch.float32, vae_tile: int | None = None, keep_loaded: bool | None = None,
-                 stream_weights: bool | None = None):
+                 stream_weights: bool | float | None = None):
         if checkpoint.unet_config.in_channels != 4:
             raise CheckpointError(f"{checkpoint.family.title} (U-Net with {checkpoint.unet_config.in_channels} input "
                                   "channels) is not a text-to-image model; this pipeline needs a 4-channel U-Net")
@@ -138,9 +172,14 @@ class StableDiffusion:
         # the weights); on CPU they are freed after each stage, which bounds peak memory
         self.keep_loaded = self.device.type == "cuda" if keep_loaded is None else keep_loaded
         self._stages: dict[str, torch.nn.Module] = {}
-        # CPU: the U-Net's memory-mapped weights leave memory after each block (drop_mapped_pages), so
-        # at most one block's weights are resident; they are read again from the page cache next step
-        self.stream_weights = self.device.type == "cpu" if stream_weights is None else stream_weights
+        # CPU: the U-Net's memory-mapped weights leave memory after each block has run (stream_blocks)
+        # and are read again from the page cache next step. A float streams that fraction of the weights
+        # (the first blocks); False or 0 keeps all resident; None: auto_stream_fraction on CPU.
+        if stream_weights is None:
+            stream_weights = auto_stream_fraction(self.checkpoint) if self.device.type == "cpu" else 0.0
+        self.stream_weights = float(stream_weights)
+        if not 0.0 <= self.stream_weights <= 1.0:
+            raise ValueError(f"stream_weights must be a bool or a fraction in [0, 1], got {stream_weights!r}")
 
     def _stage(self, name: str, build: Callable[[], torch.nn.Module]) -> torch.nn.Module:
         """Stage ``name`` built now, or kept from an earlier call when ``keep_loaded``."""
@@ -149,6 +188,11 @@ class StableDiffusion:
         if name not in self._stages:
             self._stages[name] = build()
         return self._stages[name]
+
+    def _stage_done(self) -> None:
+        """A stage's modules were dropped: give their memory back (nothing to do if they are kept)."""
+        if not self.keep_loaded:
+            free_memory()
 
     def unload(self) -> None:
         """Drop the stages kept by ``keep_loaded`` (they are built again when next needed)."""
@@ -160,14 +204,16 @@ class StableDiffusion:
                         device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                         tokenizer: ClipTokenizer | str | Path | None = None, prediction: str | None = None,
                         vae_tile: int | None = None, text_encoders: dict[str, str | Path] | None = None,
-                        keep_loaded: bool | None = None, stream_weights: bool | None = None) -> "StableDiffusion":
+                        keep_loaded: bool | None = None, stream_weights: bool | float | None = None
+                        ) -> "StableDiffusion":
         """A single file, diffusers folder or sumie folder (:func:`sumie.io.sd.load_sd`). Single
         files carry no tokenizer: give ``tokenizer`` (a ``tokenizer/`` folder or a ClipTokenizer),
         else CLIP's BPE file is looked up (``ClipTokenizer.from_openai_bpe``). ``vae`` and
         ``text_encoders`` ({slot: file}, slots as in :mod:`sumie.io.sd.families`) replace the
         checkpoint's own; text encoders are checked against the U-Net's cross-attention first.
         ``keep_loaded`` keeps the built stages between calls (default: on CUDA only);
-        ``stream_weights`` keeps at most one U-Net block's mapped weights resident (default: on CPU)."""
+        ``stream_weights`` keeps at most one U-Net block's mapped weights resident (default: on CPU;
+        a fraction streams only the first blocks holding that share of the weights)."""
         path = Path(path)
         sd = load_sd(path, allow_pickle=allow_pickle, prediction=prediction, vae=vae, text_encoders=text_encoders)
         scheduler, text_folder = {}, None
@@ -298,7 +344,7 @@ class StableDiffusion:
         size = dict(original_size=(height, width), target_size=(height, width))
         cond, uncond = text.unet_cond(c, **size), text.unet_cond(u, **size)
         del text, c, u
-        free_memory()
+        self._stage_done()
 
         unet = self._stage("unet", self.build_unet)  # stage 2: denoising
         denoiser = DiscreteDenoiser(unet, self.schedule, self.checkpoint.prediction)
@@ -307,7 +353,7 @@ class StableDiffusion:
         x = self.initial_noise(n, height, width, float(sigmas[0]), seed).to(self.device, self.dtype)
         model = CFGDenoiser(denoiser, uncond, guidance_scale) if guidance_scale != 1.0 else denoiser
         kw = {"eta": eta} if eta is not None else {}
-        hooks = stream_blocks(unet) if self.stream_weights else []
+        hooks = stream_blocks(unet, self.stream_weights) if self.stream_weights else []
         try:
             latent = SAMPLERS[sampler](model, x, sigmas.to(self.device), cond=cond, callback=callback,
                                        generator=generators_for(seed, n), **kw)
@@ -315,11 +361,11 @@ class StableDiffusion:
             for h in hooks:
                 h.remove()
         del model, denoiser, unet, cond, uncond
-        free_memory()
+        self._stage_done()
 
         vae = self._stage("vae", lambda: self.checkpoint.build_vae(self.dtype, self.device))  # stage 3: pixels
         z = vae.from_latent(latent.to(self.dtype))
         image = vae.decode_tiled(z, self.vae_tile, self.vae_tile // 8) if self.vae_tile else vae.decode(z)
         del vae
-        free_memory()
+        self._stage_done()
         return torch.from_numpy(to_uint8(image))

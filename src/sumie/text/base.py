@@ -27,6 +27,23 @@ class TokenizedBatch:
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
 
+    @classmethod
+    def framed(cls, id_lists: list[list[int]], n: int, bos: int, eos: int, pad: int,
+               truncation: bool = True) -> "TokenizedBatch":
+        """One window per prompt: ``bos ids eos pad...`` rows of length ``n`` (ids cut to ``n - 2``,
+        or an error without ``truncation``), mask 1 on bos, ids and eos."""
+        rows, masks = [], []
+        for ids in id_lists:
+            if len(ids) > n - 2:
+                if not truncation:
+                    raise ValueError(f"prompt is {len(ids)} tokens, more than the {n - 2} of one window")
+                ids = ids[: n - 2]
+            ids = [bos, *ids, eos]
+            masks.append([1] * len(ids) + [0] * (n - len(ids)))
+            rows.append(ids + [pad] * (n - len(ids)))
+        return cls(torch.tensor(rows, dtype=torch.long).reshape(len(id_lists), n),
+                   torch.tensor(masks, dtype=torch.long).reshape(len(id_lists), n))
+
 
 @dataclass
 class TextEncoderOutput:

@@ -47,8 +47,6 @@ import unicodedata
 from functools import lru_cache
 from pathlib import Path
 
-import torch
-
 from .base import TokenizedBatch, Tokenizer
 
 BOS = "<|startoftext|>"
@@ -273,18 +271,8 @@ class ClipTokenizer(Tokenizer):
 
     def __call__(self, prompts: list[str], max_length: int | None = None, truncation: bool = True) -> TokenizedBatch:
         """``[BOS] ids [EOS] pad...`` rows of ``max_length`` (77): SD's single-window encoding."""
-        n = max_length or self.model_max_length
-        rows, masks = [], []
-        for p in prompts:
-            ids = self.encode_text(p)
-            if len(ids) > n - 2:
-                if not truncation:
-                    raise ValueError(f"prompt is {len(ids)} tokens, more than the {n - 2} of one window")
-                ids = ids[: n - 2]
-            ids = [self.bos_token_id] + ids + [self.eos_token_id]
-            masks.append([1] * len(ids) + [0] * (n - len(ids)))
-            rows.append(ids + [self.pad_token_id] * (n - len(ids)))
-        return TokenizedBatch(torch.tensor(rows, dtype=torch.long), torch.tensor(masks, dtype=torch.long))
+        return TokenizedBatch.framed([self.encode_text(p) for p in prompts], max_length or self.model_max_length,
+                                     self.bos_token_id, self.eos_token_id, self.pad_token_id, truncation)
 
 
 def _pad_token_of(folder: Path) -> str | None:

@@ -40,8 +40,6 @@ import re
 import unicodedata
 from pathlib import Path
 
-import torch
-
 from .base import TokenizedBatch, Tokenizer
 from .clip_tokenizer import TokenizerError
 
@@ -219,19 +217,8 @@ class WordPieceTokenizer(Tokenizer):
 
     def __call__(self, prompts: list[str], max_length: int | None = None, truncation: bool = True) -> TokenizedBatch:
         """``[CLS] ids [SEP] [PAD]...`` rows of ``max_length`` (default ``model_max_length``)."""
-        n = max_length or self.model_max_length
-        rows, masks = [], []
-        for p in prompts:
-            ids = self.encode_text(p)
-            if len(ids) > n - 2:
-                if not truncation:
-                    raise ValueError(f"prompt is {len(ids)} tokens, more than the {n - 2} of one window")
-                ids = ids[:n - 2]
-            ids = [self.bos_token_id, *ids, self.eos_token_id]
-            masks.append([1] * len(ids) + [0] * (n - len(ids)))
-            rows.append(ids + [self.pad_token_id] * (n - len(ids)))
-        return TokenizedBatch(torch.tensor(rows, dtype=torch.long).reshape(len(prompts), n),
-                              torch.tensor(masks, dtype=torch.long).reshape(len(prompts), n))
+        return TokenizedBatch.framed([self.encode_text(p) for p in prompts], max_length or self.model_max_length,
+                                     self.bos_token_id, self.eos_token_id, self.pad_token_id, truncation)
 
 
 def _read_json(path: Path) -> dict:

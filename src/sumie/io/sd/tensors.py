@@ -70,7 +70,8 @@ SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.f
                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
                       "U8": torch.uint8, "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn,
                       "F8_E5M2": torch.float8_e5m2}
-_MAPPINGS: "weakref.WeakSet[mmap.mmap]" = weakref.WeakSet()  # every live mapping of a weights file
+# every live mapping of a weights file: base address -> (length, the mmap)
+_REGIONS: dict[int, tuple[int, "weakref.ref[mmap.mmap]"]] = {}
 
 
 class SafetensorsFile:
@@ -98,7 +99,9 @@ class SafetensorsFile:
             n = int.from_bytes(mm[:8], "little")
             self._header, self._data_start = json.loads(mm[8:8 + n]), 8 + n
             self._mm = mm
-            _MAPPINGS.add(mm)
+            base = torch.frombuffer(mm, dtype=torch.uint8, count=1).data_ptr()
+            _REGIONS[base] = (len(mm), weakref.ref(mm))
+            weakref.finalize(mm, _REGIONS.pop, base, None)
             SafetensorsFile._open.add(self)
         return self._mm
 
@@ -125,21 +128,32 @@ def release_files() -> None:
         f.release()
 
 
-def drop_mapped_pages() -> None:
-    """Give every weights file's resident pages back to the OS (``madvise(MADV_DONTNEED)``).
+def drop_pages(tensors) -> int:
+    """Give the resident pages of memory-mapped tensors back to the OS (``madvise(MADV_DONTNEED)``
+    on the whole pages inside each tensor); tensors not read from a weights file are left alone.
+    Returns the bytes advised.
 
     The tensors stay valid: the mappings are of unchanged file contents, so a page dropped here
     is read again (from the page cache, usually) when next touched. Streaming a model through
     memory this way, a block at a time, bounds its resident weights to one block. Pages written
-    by in-place changes would be lost, so call it only for modules whose weights are never
-    changed in place (sumie's LoRA merging makes new tensors). A no-op where ``madvise`` is
-    missing (Windows)."""
+    by in-place changes would be lost, so use it only on weights that are never changed in place
+    (sumie's LoRA merging makes new tensors). A no-op where ``madvise`` is missing (Windows)."""
     advice = getattr(mmap, "MADV_DONTNEED", None)
-    if advice is None:
-        return
-    for mm in list(_MAPPINGS):
-        if not mm.closed:
-            mm.madvise(advice)
+    if advice is None or not _REGIONS:
+        return 0
+    page, done = mmap.PAGESIZE, 0
+    for t in tensors:
+        ptr, n = t.data_ptr(), t.numel() * t.element_size()
+        for base, (length, ref) in list(_REGIONS.items()):
+            mm = ref()
+            if mm is None or not base <= ptr < base + length:
+                continue
+            start, end = -(-(ptr - base) // page) * page, (ptr - base + n) // page * page
+            if end > start:
+                mm.madvise(advice, start, end - start)
+                done += end - start
+            break
+    return done
 
 
 def open_safetensors(path: str | Path) -> tuple[Weights, dict[str, str]]:
