@@ -189,7 +189,7 @@ def worker(lib: str, folder: Path, size: int, steps: int, vae_tile: int | None, 
     ctx = torch.randn(2, 77, 768, device=device, dtype=dt)
     t = torch.full((2,), 500.0, device=device)
     if lib.startswith("sumie"):
-        unet = pipe.build_unet()  # the pipeline builds its U-Net per call: build one to count
+        unet = pipe._stage("unet", pipe.build_unet)  # the kept U-Net (CUDA), else a fresh one to count
         flops = unet_flops(lambda: unet(x, t, {"context": ctx}))
     else:
         flops = unet_flops(lambda: pipe.unet(x, t, encoder_hidden_states=ctx))

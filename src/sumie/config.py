@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .nn.unet import UNetConfig
-from .text.small import TextConfig as SmallTextConfig
+from .text.base import TextConfig
 
 
 @dataclass
@@ -34,18 +34,6 @@ class DiffusionConfig:
     loss_weighting: str = "native"  # native | min_snr
     min_snr_gamma: float = 5.0
     noise_offset: float = 0.0
-
-
-@dataclass
-class TextConfig(SmallTextConfig):
-    """The run's text encoder. ``kind = "small"``: :class:`sumie.text.small.SmallTextEncoder` of
-    ``width``, ``layers``, ``heads``, trained with the U-Net. ``kind = "hf"``: a frozen pretrained
-    BERT-family encoder (:class:`sumie.text.bert.BertTextEncoder`, e.g. all-MiniLM-L6-v2) read from
-    the local folder ``path``; its own width is the U-Net's ``context_dim`` and ``width``, ``layers``,
-    ``heads`` are unused. Both take prompts in windows of ``max_length`` tokens."""
-
-    kind: str = "none"  # none | small | hf
-    path: str | None = None  # kind = "hf": a local folder in Hugging Face format
 
 
 @dataclass

@@ -10,7 +10,8 @@ import torch
 from .config import RunConfig, from_dict
 from .diffusion.precond import Denoiser, make_denoiser
 from .diffusion.schedules import DiscreteSchedule
-from .io.checkpoint import MODEL_FILES, CheckpointError, load_tensors, read_json, resolve_checkpoint, write_folder
+from .io.checkpoint import (MODEL_FILES, CheckpointError, check_state_shapes, load_tensors, read_json,
+                            resolve_checkpoint, write_folder)
 from .nn.unet import UNet
 from .text.base import TextEncoder
 from .text.bert import BertTextEncoder, encoder_width, verify_fingerprint
@@ -121,20 +122,8 @@ def load_text_encoder(path: str | Path, *, ema: bool = True, device: str | torch
 
 def load_state_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
     """load_state_dict that names every missing, unexpected or mis-shaped tensor."""
-    own = module.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    bad = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-           for k in own if k in state and state[k].shape != own[k].shape]
-    if missing or unexpected or bad:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)} tensor(s), e.g. {missing[:3]}")
-        if unexpected:
-            parts.append(f"unexpected {len(unexpected)} tensor(s), e.g. {unexpected[:3]}")
-        if bad:
-            parts.append("shape mismatch: " + "; ".join(bad[:3]))
-        raise CheckpointError(f"{source} does not match the model config: " + ", ".join(parts))
+    check_state_shapes({k: tuple(v.shape) for k, v in module.state_dict().items()},
+                       {k: tuple(v.shape) for k, v in state.items()}, source)
     module.load_state_dict(state)
 
 
@@ -162,19 +151,20 @@ def export_model(src: str | Path, dst: str | Path, *, dtype: torch.dtype = torch
     """
     ckpt = resolve_checkpoint(src)
     config = read_json(ckpt / "config.json")
+    run = from_dict(config)
 
     def cast(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
 
     files: dict[str, object] = {MODEL_FILES[0]: config, MODEL_FILES[1]: cast(load_tensors(ckpt / MODEL_FILES[1]))}
-    if from_dict(config).text.kind == "small":
+    if run.text.kind == "small":
         files[TEXT_FILES["ema"]] = cast(load_tensors(ckpt / TEXT_FILES["ema"]))
         files[TEXT_FILES["tokenizer"]] = read_json(ckpt / TEXT_FILES["tokenizer"])
-    elif from_dict(config).text.kind == "hf":  # the frozen encoder stays where it is: only its fingerprint
+    elif run.text.kind == "hf":  # the frozen encoder stays where it is: only its fingerprint
         files[FROZEN_TEXT_FILE] = read_json(ckpt / FROZEN_TEXT_FILE)
-    if from_dict(config).latent.vae is not None:  # a latent model carries its autoencoder (vae.json, vae.safetensors)
+    if run.latent.vae is not None:  # a latent model carries its autoencoder (vae.json, vae.safetensors)
         from .latent import space_folder_for, vae_files
 
-        files.update(vae_files(space_folder_for(ckpt, from_dict(config)), dtype))
+        files.update(vae_files(space_folder_for(ckpt, run), dtype))
     files.update(extra_files or {})
     return write_folder(dst, files)

@@ -105,6 +105,36 @@ def read_json(path: Path) -> dict:
         raise CheckpointError(f"{path} is not valid JSON ({e})") from e
 
 
+def check_state_shapes(expected: dict[str, tuple], found: dict[str, tuple], what: str, *,
+                       names: dict[str, str] | None = None, against: str = "model") -> None:
+    """Every expected tensor present with its shape and nothing extra, else a :class:`CheckpointError`
+    ("{what} does not match its config: ...") naming the tensors, by the file's names where
+    ``names`` maps ours to them; ``against`` names what the expected shapes come from."""
+    names = names or {}
+    bad = [f"{names.get(k, k)}: file {tuple(found[k])} vs {against} {tuple(v)}"
+           for k, v in expected.items() if k in found and tuple(found[k]) != tuple(v)]
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    if bad or missing or unexpected:
+        parts = ([f"shape mismatch: {'; '.join(bad[:4])}"] if bad else []) + \
+                ([f"missing {len(missing)} tensor(s), e.g. {missing[:3]}"] if missing else []) + \
+                ([f"unexpected {len(unexpected)} tensor(s), e.g. {unexpected[:3]}"] if unexpected else [])
+        raise CheckpointError(f"{what} does not match its config: " + ", ".join(parts))
+
+
+def build_checked(cls, config, state: dict[str, torch.Tensor], what: str, dtype: torch.dtype = torch.float32,
+                  device: str | torch.device = "cpu", *, names: dict[str, str] | None = None,
+                  against: str = "model") -> torch.nn.Module:
+    """``cls(config)`` in eval mode holding ``state`` (checked by :func:`check_state_shapes`, cast to
+    ``dtype``), built on the meta device so no memory is spent on initial weights."""
+    with torch.device("meta"):
+        module = cls(config)
+    check_state_shapes({k: tuple(v.shape) for k, v in module.state_dict().items()},
+                       {k: tuple(v.shape) for k, v in state.items()}, what, names=names, against=against)
+    module.load_state_dict({k: v.to(dtype).contiguous() for k, v in state.items()}, assign=True)
+    return module.to(device=device, dtype=dtype).eval()
+
+
 def write_folder(final: str | Path, files: dict[str, object]) -> Path:
     """Write ``files`` (name -> tensors dict, text, or JSON-able object) as the folder ``final``, atomically:
     everything goes into a temporary sibling folder, which then replaces ``final`` whole."""

@@ -110,9 +110,9 @@ def stream_blocks(unet: UNet, fraction: float = 1.0) -> list:
         raise ValueError(f"stream fraction must be in [0, 1], got {fraction}")
     blocks = [*unet.input_blocks, unet.middle_block, *unet.output_blocks]
     sizes = [sum(p.numel() * p.element_size() for p in b.parameters()) for b in blocks]
-    chosen, acc = [], 0
+    budget, chosen, acc = fraction * sum(sizes), [], 0
     for block, size in zip(blocks, sizes):
-        if fraction == 0 or acc >= fraction * sum(sizes):
+        if acc >= budget:
             break
         chosen.append(block)
         acc += size

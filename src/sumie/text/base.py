@@ -15,9 +15,38 @@ Diffusion was trained; the mask is there for encoders and denoisers that want it
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
+
+
+@dataclass
+class TextConfig:
+    """The text side of a run. ``kind = "small"``: :class:`sumie.text.small.SmallTextEncoder` of
+    ``width``, ``layers``, ``heads``, trained with the denoiser (its vocabulary comes from the
+    tokenizer). ``kind = "hf"``: a frozen pretrained BERT-family encoder
+    (:class:`sumie.text.bert.BertTextEncoder`, e.g. all-MiniLM-L6-v2) read from the local folder
+    ``path``; its own width is the U-Net's ``context_dim`` and ``width``, ``layers``, ``heads`` are
+    unused. Both take prompts in windows of ``max_length`` tokens."""
+
+    kind: str = "none"  # none | small | hf
+    width: int = 128
+    layers: int = 2
+    heads: int = 4
+    max_length: int = 32
+    mlp_ratio: int = 4
+    path: str | None = None  # kind = "hf": a local folder in Hugging Face format
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def check_transformer_config(hidden_size: int, heads: int, act: str, activations: dict) -> None:
+    """The checks a text transformer's config (transformers' names) must pass before it is built."""
+    if act not in activations:
+        raise ValueError(f"hidden_act must be one of {sorted(activations)}, got {act!r}")
+    if hidden_size % heads:
+        raise ValueError(f"hidden_size {hidden_size} is not divisible by {heads} heads")
 
 
 @dataclass

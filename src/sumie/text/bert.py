@@ -33,8 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..io.checkpoint import CheckpointError, load_tensors
-from .base import TextEncoder, TextEncoderOutput
+from ..io.checkpoint import CheckpointError, build_checked, load_tensors
+from .base import TextEncoder, TextEncoderOutput, check_transformer_config
 from .clip_tokenizer import TokenizerError
 from .wordpiece import WordPieceTokenizer
 
@@ -61,10 +61,7 @@ class BertConfig:
     layer_norm_eps: float = 1e-12
 
     def __post_init__(self):
-        if self.hidden_act not in ACTIVATIONS:
-            raise ValueError(f"hidden_act must be one of {sorted(ACTIVATIONS)}, got {self.hidden_act!r}")
-        if self.hidden_size % self.num_attention_heads:
-            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by {self.num_attention_heads} heads")
+        check_transformer_config(self.hidden_size, self.num_attention_heads, self.hidden_act, ACTIVATIONS)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -193,21 +190,8 @@ def build_bert(sd: dict[str, torch.Tensor], config: BertConfig, what: str = "BER
                names: dict[str, str] | None = None) -> BertModel:
     """A frozen encoder from sumie-named tensors; every tensor checked against the config's shape
     (errors use the file's tensor names where ``names`` gives them)."""
-    with torch.device("meta"):
-        model = BertModel(config)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    names = names or {}
-    bad = [f"{names.get(k, k)}: file {tuple(sd[k].shape)} vs config {v}" for k, v in expected.items()
-           if k in sd and tuple(sd[k].shape) != v]
-    missing = sorted(set(expected) - set(sd))
-    unexpected = sorted(set(sd) - set(expected))
-    if bad or missing or unexpected:
-        parts = ([f"shape mismatch: {'; '.join(bad[:4])}"] if bad else []) + \
-                ([f"missing {len(missing)} tensor(s), e.g. {missing[:3]}"] if missing else []) + \
-                ([f"unexpected {len(unexpected)} tensor(s), e.g. {unexpected[:3]}"] if unexpected else [])
-        raise CheckpointError(f"{what} does not match its config.json: " + ", ".join(parts))
-    model.load_state_dict({k: v.to(dtype).contiguous() for k, v in sd.items()}, assign=True)
-    return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    return build_checked(BertModel, config, sd, what, dtype, device, names=names,
+                         against="config").requires_grad_(False)
 
 
 # ---------------------------------------------------------------- folders
@@ -290,10 +274,7 @@ def load_bert_folder(folder: str | Path, dtype: torch.dtype = torch.float32,
                      device: str | torch.device = "cpu") -> BertModel:
     """The encoder of a transformers ``BertModel`` folder: ``config.json`` + safetensors weights."""
     model_dir = Path(folder)
-    cfg_file = model_dir / "config.json"
-    if not cfg_file.is_file():
-        raise CheckpointError(f"{model_dir} has no config.json (a Hugging Face model folder)")
-    config = BertConfig.from_hf(_read_json(cfg_file), str(cfg_file))
+    config = read_config(model_dir)
     sd: dict[str, torch.Tensor] = {}
     for f in weight_files(model_dir):
         sd.update(load_tensors(f))
@@ -304,11 +285,15 @@ def load_bert_folder(folder: str | Path, dtype: torch.dtype = torch.float32,
 
 def encoder_width(folder: str | Path) -> int:
     """The token width (``hidden_size``) of the encoder in a folder, read from its config alone."""
-    model_dir = read_layout(folder).model_dir
+    return read_config(read_layout(folder).model_dir).hidden_size
+
+
+def read_config(model_dir: Path) -> BertConfig:
+    """The :class:`BertConfig` of a transformers model folder's ``config.json``."""
     cfg_file = model_dir / "config.json"
     if not cfg_file.is_file():
         raise CheckpointError(f"{model_dir} has no config.json (a Hugging Face model folder)")
-    return BertConfig.from_hf(_read_json(cfg_file), str(cfg_file)).hidden_size
+    return BertConfig.from_hf(_read_json(cfg_file), str(cfg_file))
 
 
 # ---------------------------------------------------------------- the text encoder

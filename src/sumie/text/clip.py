@@ -36,7 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..io.checkpoint import CheckpointError, load_tensors
+from ..io.checkpoint import CheckpointError, build_checked, load_tensors
+from .base import check_transformer_config
 
 LAYOUTS = ("hf", "open_clip")
 
@@ -61,10 +62,7 @@ class ClipTextConfig:
     full_depth: int | None = None
 
     def __post_init__(self):
-        if self.hidden_act not in ACTIVATIONS:
-            raise ValueError(f"hidden_act must be one of {sorted(ACTIVATIONS)}, got {self.hidden_act!r}")
-        if self.hidden_size % self.num_attention_heads:
-            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by {self.num_attention_heads} heads")
+        check_transformer_config(self.hidden_size, self.num_attention_heads, self.hidden_act, ACTIVATIONS)
 
     @property
     def depth(self) -> int:
@@ -341,20 +339,8 @@ def _default_full_depth(c: ClipTextConfig) -> int | None:
 
 def build_clip_text(sd: dict[str, torch.Tensor], config: ClipTextConfig, what: str = "text encoder",
                     dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> ClipTextTransformer:
-    """A tower from sumie-named tensors; every tensor checked against the config's shape."""
-    with torch.device("meta"):
-        model = ClipTextTransformer(config)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    bad = [f"{k}: file {tuple(sd[k].shape)} vs model {v}" for k, v in expected.items() if k in sd and tuple(sd[k].shape) != v]
-    missing = sorted(set(expected) - set(sd))
-    unexpected = sorted(set(sd) - set(expected))
-    if bad or missing or unexpected:
-        parts = ([f"shape mismatch: {'; '.join(bad[:4])}"] if bad else []) + \
-                ([f"missing {len(missing)} tensor(s), e.g. {missing[:3]}"] if missing else []) + \
-                ([f"unexpected {len(unexpected)} tensor(s), e.g. {unexpected[:3]}"] if unexpected else [])
-        raise CheckpointError(f"{what} does not match its config: " + ", ".join(parts))
-    model.load_state_dict({k: v.to(dtype).contiguous() for k, v in sd.items()}, assign=True)
-    return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    """A frozen tower from sumie-named tensors; every tensor checked against the config's shape."""
+    return build_checked(ClipTextTransformer, config, sd, what, dtype, device).requires_grad_(False)
 
 
 def load_clip_text(sd: dict[str, torch.Tensor], *, layout: str, prefix: str = "", kind: str | None = None,

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable
 
@@ -24,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import TextEncoder, TextEncoderOutput, TokenizedBatch, Tokenizer
+from .base import TextConfig, TextEncoder, TextEncoderOutput, TokenizedBatch, Tokenizer
 
 SPECIALS = ("[PAD]", "[BOS]", "[EOS]", "[UNK]")
 _WORD = re.compile(r"\w+|[^\w\s]", re.UNICODE)
@@ -95,22 +94,6 @@ class WordTokenizer(Tokenizer):
     @classmethod
     def load(cls, path: str | Path) -> "WordTokenizer":
         return cls.from_json(json.loads(Path(path).read_text()))
-
-
-@dataclass
-class TextConfig:
-    """The text side of a run. ``kind = "small"``: a :class:`SmallTextEncoder` of this width, depth
-    and window, trained with the denoiser; the vocabulary size comes from the tokenizer."""
-
-    kind: str = "none"  # none | small
-    width: int = 128
-    layers: int = 2
-    heads: int = 4
-    max_length: int = 32
-    mlp_ratio: int = 4
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 class _Block(nn.Module):

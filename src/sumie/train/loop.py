@@ -243,6 +243,7 @@ class Trainer:
         self.noise_gen = torch.Generator(device=self.device).manual_seed(t.seed + 1)
         self.cond_gen = torch.Generator().manual_seed(t.seed + 2)
         self.order = DataOrder(len(self.dataset), config.data.seed, shuffle=config.data.kind != "shapes")
+        self.positions = RunPositions(self.dataset, self.order)
         if t.num_workers < 0:
             raise ValueError(f"train.num_workers must be >= 0, got {t.num_workers}")
         self._batches, self._next_batch = None, None
@@ -269,16 +270,14 @@ class Trainer:
             if getattr(other, section) != getattr(self.config, section):
                 raise CheckpointError(f"train.init_from: the [{section}] config of {ckpt} differs from this run's; "
                                       f"fine-tuning needs the same architecture (start from its config.json)")
-        weights = load_tensors(ckpt / "ema.safetensors")
-        load_state_strict(self.denoiser.net, weights, str(ckpt))
-        load_state_strict(self.ema.shadow, weights, str(ckpt))
+        pairs = [(self.denoiser.net, self.ema, "ema.safetensors")]
         if self.text_ema is not None:
-            text = load_tensors(ckpt / TEXT_FILES["ema"])
-            load_state_strict(self.text, text, str(ckpt))
-            load_state_strict(self.text_ema.shadow, text, str(ckpt))
-        self.ema.num_updates = 10**6  # the averages start at these weights with the full decay, no warm-up
-        if self.text_ema is not None:
-            self.text_ema.num_updates = self.ema.num_updates
+            pairs.append((self.text, self.text_ema, TEXT_FILES["ema"]))
+        for module, ema, name in pairs:
+            weights = load_tensors(ckpt / name)
+            load_state_strict(module, weights, str(ckpt))
+            load_state_strict(ema.shadow, weights, str(ckpt))
+            ema.num_updates = 10**6  # the average starts at these weights with the full decay, no warm-up
 
     def _resume(self) -> None:
         ckpt = latest_checkpoint(self.run_dir)
@@ -359,14 +358,13 @@ class Trainer:
             self._next_batch = (step, micro + 1) if micro + 1 < t.grad_accum else (step + 1, 0)
             return batch
         start = (step * t.grad_accum + micro) * t.batch_size
-        positions = RunPositions(self.dataset, self.order)
-        return default_collate([positions[start + j] for j in range(t.batch_size)])
+        return default_collate([self.positions[start + j] for j in range(t.batch_size)])
 
     def _start_workers(self, step: int) -> None:
         from torch.utils.data import DataLoader
 
         t = self.config.train
-        loader = DataLoader(RunPositions(self.dataset, self.order), batch_sampler=batch_positions(
+        loader = DataLoader(self.positions, batch_sampler=batch_positions(
             step, t.grad_accum, t.batch_size), num_workers=t.num_workers, pin_memory=self.device.type == "cuda",
             prefetch_factor=4)
         self._batches, self._next_batch = iter(loader), (step, 0)

@@ -24,7 +24,7 @@ import torch
 from ...nn.unet import UNet, UNetConfig
 from ...nn.vae import AutoencoderKL, VAEConfig
 from ...text.conditioner import SDXL_SIZE_EMBED
-from ..checkpoint import CheckpointError, read_json, write_json
+from ..checkpoint import CheckpointError, check_state_shapes, read_json, write_json
 from . import keymaps
 from .diffusers_config import (unet_config_from_diffusers, unet_config_to_diffusers, vae_config_from_diffusers,
                                vae_config_to_diffusers)
@@ -100,19 +100,7 @@ class SDCheckpoint:
 
 def check_shapes(expected: dict[str, tuple], weights: Weights, what: str) -> None:
     """Every expected tensor present with its shape, nothing extra; the error names tensors."""
-    missing = sorted(set(expected) - set(weights))
-    unexpected = sorted(set(weights) - set(expected))
-    bad = [f"{k}: file {weights[k].shape} vs model {expected[k]}"
-           for k in expected if k in weights and tuple(weights[k].shape) != tuple(expected[k])]
-    if missing or unexpected or bad:
-        parts = []
-        if bad:
-            parts.append("shape mismatch: " + "; ".join(bad[:4]))
-        if missing:
-            parts.append(f"missing {len(missing)} tensor(s), e.g. {missing[:3]}")
-        if unexpected:
-            parts.append(f"unexpected {len(unexpected)} tensor(s), e.g. {unexpected[:3]}")
-        raise CheckpointError(f"{what} does not match its config: " + ", ".join(parts))
+    check_state_shapes(expected, {k: w.shape for k, w in weights.items()}, what)
 
 
 def _build(cls, config, weights: Weights, dtype, device, what: str):

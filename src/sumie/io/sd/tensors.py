@@ -81,23 +81,19 @@ class SafetensorsFile:
     place changes only this process's copy. Each tensor keeps the mapping alive; the handle does
     too until :meth:`release` (after a stage is built, :func:`materialize` releases every handle),
     so once a stage's modules are freed its pages leave the process (the U-Net's 3.4 GB of SD 1.5
-    before the VAE decodes). :func:`drop_mapped_pages` gives resident pages back while the
+    before the VAE decodes). :func:`drop_pages` gives resident pages back while the
     tensors live (they are read from the file again when next touched)."""
 
     _open: "weakref.WeakSet[SafetensorsFile]" = weakref.WeakSet()
 
-    def __init__(self, path: Path):
-        self.path = path
+    def __init__(self, path: Path, header: dict, data_start: int):
+        self.path, self._header, self._data_start = path, header, data_start  # as read by open_safetensors
         self._mm: mmap.mmap | None = None
-        self._header: dict = {}
-        self._data_start = 0
 
     def _map(self) -> mmap.mmap:
         if self._mm is None:
             with open(self.path, "rb") as fh:
                 mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
-            n = int.from_bytes(mm[:8], "little")
-            self._header, self._data_start = json.loads(mm[8:8 + n]), 8 + n
             self._mm = mm
             base = torch.frombuffer(mm, dtype=torch.uint8, count=1).data_ptr()
             _REGIONS[base] = (len(mm), weakref.ref(mm))
@@ -164,22 +160,20 @@ def open_safetensors(path: str | Path) -> tuple[Weights, dict[str, str]]:
     if not path.is_file():
         raise CheckpointError(f"weights file not found: {path}")
     try:
-        f = safe_open(str(path), framework="pt", device="cpu")
-        meta = f.metadata() or {}
-        lazy = SafetensorsFile(path)
-        weights = {}
-        for k in f.keys():
-            sl = f.get_slice(k)
-            weights[k] = TensorRef(tuple(sl.get_shape()), (lambda lazy=lazy, k=k: lazy.get(k)))
+        safe_open(str(path), framework="pt", device="cpu")  # validates the header against the format
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{path} is not a readable safetensors file ({e}); it may be truncated or "
                               "corrupt: download or export it again.") from e
-    _check_extent(path)
+    header, data_start = _read_header(path)
+    meta = header.pop("__metadata__", None) or {}
+    lazy = SafetensorsFile(path, header, data_start)
+    weights = {k: TensorRef(tuple(v["shape"]), (lambda k=k: lazy.get(k))) for k, v in header.items()}
     return weights, meta
 
 
-def _check_extent(path: Path) -> None:
-    """The data section must end exactly at the end of the file (a cut-off download does not)."""
+def _read_header(path: Path) -> tuple[dict, int]:
+    """(header, offset of the data section); the data section must end within the file (a
+    cut-off download does not)."""
     with open(path, "rb") as fh:
         n = int.from_bytes(fh.read(8), "little")
         header = json.loads(fh.read(n))
@@ -188,6 +182,7 @@ def _check_extent(path: Path) -> None:
     if 8 + n + end > size:
         raise CheckpointError(f"{path} is truncated: its header describes {8 + n + end} bytes but the file has "
                               f"{size}; download or export it again.")
+    return header, 8 + n
 
 
 def open_sharded(index_path: str | Path) -> Weights:
