@@ -183,3 +183,54 @@ def test_init_from_starts_at_the_models_ema_weights_and_checks_the_architecture(
     cfg.model.model_channels *= 2
     with pytest.raises(CheckpointError, match=r"\[model\] config .* differs"):
         Trainer(cfg, tmp_path / "d", progress=False)
+
+
+def test_fused_adamw_matches_the_reference_update_and_survives_a_checkpoint():
+    from sumie.config import TrainConfig
+    from sumie.train.optim import adamw, load_optimizer, optimizer_tensors
+
+    torch.manual_seed(0)
+    t = TrainConfig(lr=1e-2, weight_decay=0.01)
+    nets = [torch.nn.Linear(5, 3) for _ in range(2)]
+    nets[1].load_state_dict(nets[0].state_dict())
+    fast = adamw(nets[0].parameters(), t)
+    ref = torch.optim.AdamW(nets[1].parameters(), lr=1e-2, betas=tuple(t.adam_betas), weight_decay=0.01)
+    assert fast.param_groups[0]["fused"] and not ref.param_groups[0]["fused"]
+    x = torch.randn(8, 5)
+    for _ in range(5):
+        for net, opt in zip(nets, (fast, ref)):
+            net(x).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+    for a, b in zip(nets[0].parameters(), nets[1].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    # a state saved by the reference optimizer loads into a fused one, which stays fused
+    tensors, groups = optimizer_tensors(ref)
+    again = adamw(nets[0].parameters(), t)
+    load_optimizer(again, tensors, groups)
+    assert again.param_groups[0]["fused"]
+    torch.testing.assert_close(again.state_dict()["state"][0]["exp_avg"], ref.state_dict()["state"][0]["exp_avg"])
+
+
+def test_ema_averages_every_parameter_and_follows_a_moved_model():
+    from sumie.train.ema import EMA
+
+    net = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.BatchNorm1d(3))
+    ema = EMA(net, decay=0.5)
+    before = [p.detach().clone() for p in ema.shadow.parameters()]
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(1.0)
+        net[1].running_mean.fill_(7.0)
+    ema.update(net)  # warm-up decay min(0.5, 2/11)
+    d = 2 / 11
+    for s, b, p in zip(ema.shadow.parameters(), before, net.parameters()):
+        torch.testing.assert_close(s, b * d + p.detach() * (1 - d))
+    assert torch.equal(ema.shadow[1].running_mean, net[1].running_mean)
+    net.to(torch.float64)  # parameters re-materialised in place: the EMA sees the new values
+    with torch.no_grad():
+        for p in net.parameters():
+            p.fill_(3.0)
+    ema.update(net)
+    assert all(torch.isfinite(s).all() and s.dtype == torch.float32 for s in ema.shadow.parameters())
+    assert all((s - 3.0).abs().max() < (b - 3.0).abs().max() for s, b in zip(ema.shadow.parameters(), before))

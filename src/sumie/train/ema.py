@@ -21,12 +21,24 @@ class EMA:
         self.decay = decay
         self.shadow = copy.deepcopy(model).eval().requires_grad_(False)
         self.num_updates = 0
+        self._pairs: tuple[int, list, list, list, list] | None = None
+
+    def _tensors(self, model: nn.Module) -> tuple[list, list, list, list]:
+        # module traversal costs more than the averaging for small nets: list the tensors once per model
+        if self._pairs is None or self._pairs[0] != id(model):
+            self._pairs = (id(model), list(self.shadow.parameters()), list(model.parameters()),
+                           list(self.shadow.buffers()), list(model.buffers()))
+        return self._pairs[1:]
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         self.num_updates += 1
         d = min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
-        for s, p in zip(self.shadow.parameters(), model.parameters()):
-            s.lerp_(p.detach().to(s.dtype), 1 - d)
-        for s, b in zip(self.shadow.buffers(), model.buffers()):
+        shadow, params, shadow_buffers, buffers = self._tensors(model)
+        if all(s.dtype == p.dtype and s.device == p.device for s, p in zip(shadow, params)):
+            torch._foreach_lerp_(shadow, params, 1 - d)  # one fused pass over all parameters
+        else:
+            for s, p in zip(shadow, params):
+                s.lerp_(p.to(s.dtype), 1 - d)
+        for s, b in zip(shadow_buffers, buffers):
             s.copy_(b)

@@ -34,6 +34,7 @@ from ..text.bert import fingerprint
 from ..text.small import WordTokenizer, text_cond
 from ..pipeline import class_cond, sample
 from .ema import EMA
+from .optim import adamw, load_optimizer, optimizer_tensors
 
 
 class TrainingDiverged(RuntimeError):
@@ -179,24 +180,6 @@ def _stop_on_signals(flag: threading.Event):
             signal.signal(s, h)
 
 
-def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict, list]:
-    sd = opt.state_dict()
-    tensors = {}
-    for idx, st in sd["state"].items():
-        for k, v in st.items():
-            tensors[f"opt.{idx}.{k}"] = v if isinstance(v, torch.Tensor) else torch.tensor(v)
-    return tensors, sd["param_groups"]
-
-
-def _load_optimizer(opt: torch.optim.Optimizer, tensors: dict, groups: list) -> None:
-    state: dict = {}
-    for key, v in tensors.items():
-        if key.startswith("opt."):
-            _, idx, name = key.split(".", 2)
-            state.setdefault(int(idx), {})[name] = v
-    opt.load_state_dict({"state": state, "param_groups": groups})
-
-
 class Trainer:
     """Holds the model, optimizer, EMA and RNGs of one run; :meth:`run` trains it."""
 
@@ -235,8 +218,7 @@ class Trainer:
                          WordTokenizer.build(caption_corpus(self.dataset), config.text.max_length))
             self.text = build_text_encoder(config, tokenizer).to(self.device)
             self.text_ema = EMA(self.text, t.ema_decay)
-        self.opt = torch.optim.AdamW(self.trainable_parameters(), lr=t.lr, betas=tuple(t.adam_betas),
-                                     weight_decay=t.weight_decay)
+        self.opt = adamw(self.trainable_parameters(), t)
         self.loss_fn = make_loss(config, self.denoiser)
         self.amp_dtype = autocast_dtype(t.precision, self.device)
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
@@ -298,7 +280,7 @@ class Trainer:
                                   f"trained with (see {ckpt / FROZEN_TEXT_FILE})")
         state = read_json(ckpt / "state.json")
         tensors = load_tensors(ckpt / "state.safetensors")
-        _load_optimizer(self.opt, tensors, state["param_groups"])
+        load_optimizer(self.opt, tensors, state["param_groups"])
         self.noise_gen.set_state(tensors["rng.noise"])
         self.cond_gen.set_state(tensors["rng.cond"])
         torch.set_rng_state(tensors["rng.torch"])
@@ -308,7 +290,7 @@ class Trainer:
             self.text_ema.num_updates = state["ema_updates"]
 
     def save(self) -> Path:
-        opt_tensors, groups = _optimizer_tensors(self.opt)
+        opt_tensors, groups = optimizer_tensors(self.opt)
         opt_tensors.update({"rng.noise": self.noise_gen.get_state(), "rng.cond": self.cond_gen.get_state(),
                             "rng.torch": torch.get_rng_state()})
         files = {

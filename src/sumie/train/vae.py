@@ -40,7 +40,8 @@ from ..models import load_state_strict
 from ..nn.discriminator import PatchDiscriminator, hinge_d_loss, hinge_g_loss
 from ..nn.vae import AutoencoderKL, VAEConfig
 from .ema import EMA
-from .loop import (DataOrder, Trainer, TrainingDiverged, _load_optimizer, _optimizer_tensors, _stop_on_signals,
+from .optim import adamw, load_optimizer, optimizer_tensors
+from .loop import (DataOrder, Trainer, TrainingDiverged, _stop_on_signals,
                    dataset_for, resolve_device)
 
 
@@ -296,10 +297,8 @@ class VAETrainer:
         self.disc = self.disc_opt = None
         if lc.disc_start is not None:
             self.disc = PatchDiscriminator(config.vae.out_channels, lc.disc_channels, lc.disc_layers).to(self.device)
-            self.disc_opt = torch.optim.AdamW(self.disc.parameters(), lr=lc.disc_lr or t.lr,
-                                              betas=tuple(t.adam_betas), weight_decay=t.weight_decay)
-        self.opt = torch.optim.AdamW(self.vae.parameters(), lr=t.lr, betas=tuple(t.adam_betas),
-                                     weight_decay=t.weight_decay)
+            self.disc_opt = adamw(self.disc.parameters(), t, lr=lc.disc_lr or t.lr)
+        self.opt = adamw(self.vae.parameters(), t)
         self.noise_gen = torch.Generator(device=self.device).manual_seed(t.seed + 1)
         self.order = DataOrder(len(self.dataset), config.data.seed, shuffle=config.data.kind != "shapes")
         self.step, self.elapsed = 0, 0.0
@@ -322,10 +321,10 @@ class VAETrainer:
             load_state_strict(self.ema.shadow, load_tensors(ckpt / "ema.safetensors"), str(ckpt))
         state = read_json(ckpt / "state.json")
         tensors = load_tensors(ckpt / "state.safetensors")
-        _load_optimizer(self.opt, tensors, state["param_groups"])
+        load_optimizer(self.opt, tensors, state["param_groups"])
         if self.disc is not None:
             load_state_strict(self.disc, load_tensors(ckpt / "disc.safetensors"), str(ckpt))
-            _load_optimizer(self.disc_opt, {"opt." + k[5:]: v for k, v in tensors.items() if k.startswith("dopt.")},
+            load_optimizer(self.disc_opt, {"opt." + k[5:]: v for k, v in tensors.items() if k.startswith("dopt.")},
                             state["disc_param_groups"])
         self.noise_gen.set_state(tensors["rng.noise"])
         torch.set_rng_state(tensors["rng.torch"])
@@ -334,14 +333,14 @@ class VAETrainer:
             self.ema.num_updates = state["ema_updates"]
 
     def save(self) -> Path:
-        tensors, groups = _optimizer_tensors(self.opt)
+        tensors, groups = optimizer_tensors(self.opt)
         tensors.update({"rng.noise": self.noise_gen.get_state(), "rng.torch": torch.get_rng_state()})
         state = {"step": self.step, "elapsed_s": self.elapsed, "param_groups": groups,
                  "ema_updates": self.ema.num_updates if self.ema is not None else 0}
         files = {"model.safetensors": self.vae.state_dict(), "ema.safetensors": self.export_weights().state_dict(),
                  "config.json": self.config.to_dict()}
         if self.disc is not None:
-            d_tensors, state["disc_param_groups"] = _optimizer_tensors(self.disc_opt)
+            d_tensors, state["disc_param_groups"] = optimizer_tensors(self.disc_opt)
             tensors.update({"d" + k: v for k, v in d_tensors.items()})
             files["disc.safetensors"] = self.disc.state_dict()
         files.update({"state.safetensors": tensors, "state.json": state})
