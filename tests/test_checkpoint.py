@@ -68,3 +68,24 @@ def test_safetensors_whose_header_length_starts_like_a_pickle_still_loads(tmp_pa
             break
     assert path.read_bytes()[0] == 0x80
     assert torch.equal(load_tensors(path)["w"], torch.ones(2))
+
+
+def test_on_meta_builds_structure_only_and_restores_torch_init():
+    import subprocess
+    import sys
+
+    from sumie.io.checkpoint import on_meta
+
+    before = torch.nn.init.normal_
+    with on_meta():
+        emb = torch.nn.Embedding(10, 4)
+    assert emb.weight.is_meta and torch.nn.init.normal_ is before
+    with pytest.raises(RuntimeError, match="boom"), on_meta():
+        raise RuntimeError("boom")
+    assert torch.nn.init.normal_ is before and torch.empty(1).device.type == "cpu"
+    # building the CLIP text tower structure must not pull in torch._dynamo (a ~1 s import on CPU)
+    code = ("import sys, torch\nfrom sumie.io.checkpoint import on_meta\nfrom sumie.text.clip import ClipTextConfig, "
+            "ClipTextTransformer\nwith on_meta():\n    ClipTextTransformer(ClipTextConfig())\n"
+            "print('torch._dynamo' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -19,6 +19,8 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -122,12 +124,37 @@ def check_state_shapes(expected: dict[str, tuple], found: dict[str, tuple], what
         raise CheckpointError(f"{what} does not match its config: " + ", ".join(parts))
 
 
+_INIT_FUNCTIONS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "eye_", "dirac_",
+                   "xavier_uniform_", "xavier_normal_", "kaiming_uniform_", "kaiming_normal_", "orthogonal_")
+
+
+@contextmanager
+def on_meta() -> Iterator[None]:
+    """Modules built inside are structure only: tensors on the meta device, and torch.nn.init's
+    random initialisation skipped (as transformers' ``no_init_weights`` does). On meta tensors it
+    would do no work, but it runs through torch's Python reference kernels, whose first use
+    imports torch._dynamo: about a second of the first text-to-image call on a CPU."""
+    saved = {name: getattr(torch.nn.init, name) for name in _INIT_FUNCTIONS}
+    try:
+        for name in _INIT_FUNCTIONS:
+            setattr(torch.nn.init, name, _keep)
+        with torch.device("meta"):
+            yield
+    finally:
+        for name, fn in saved.items():
+            setattr(torch.nn.init, name, fn)
+
+
+def _keep(tensor: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    return tensor
+
+
 def build_checked(cls, config, state: dict[str, torch.Tensor], what: str, dtype: torch.dtype = torch.float32,
                   device: str | torch.device = "cpu", *, names: dict[str, str] | None = None,
                   against: str = "model") -> torch.nn.Module:
     """``cls(config)`` in eval mode holding ``state`` (checked by :func:`check_state_shapes`, cast to
     ``dtype``), built on the meta device so no memory is spent on initial weights."""
-    with torch.device("meta"):
+    with on_meta():
         module = cls(config)
     check_state_shapes({k: tuple(v.shape) for k, v in module.state_dict().items()},
                        {k: tuple(v.shape) for k, v in state.items()}, what, names=names, against=against)

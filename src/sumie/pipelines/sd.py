@@ -51,7 +51,7 @@ from ..diffusion.guidance import CFGDenoiser
 from ..diffusion.precond import DiscreteDenoiser
 from ..diffusion.schedules import DiscreteSchedule, append_zero, discrete_sigmas, make_betas, rescale_zero_terminal_snr
 from ..image import to_uint8
-from ..io.checkpoint import CheckpointError
+from ..io.checkpoint import CheckpointError, on_meta
 from ..io.sd import SDCheckpoint, load_sd
 from ..io.sd.lora import LoraDelta, apply_deltas, read_lora, resolve_all
 from ..io.sd.tensors import drop_pages, materialize
@@ -267,7 +267,7 @@ class StableDiffusion:
     def build_unet(self, meta: bool = False) -> UNet:
         """The U-Net (on the meta device: structure only, for checking LoRAs), with LoRAs applied."""
         if meta:
-            with torch.device("meta"):
+            with on_meta():
                 return UNet(self.checkpoint.unet_config)
         unet = self.checkpoint.build_unet(self.dtype, self.device)
         self._apply({"unet": unet})

@@ -24,7 +24,7 @@ import torch
 from ...nn.unet import UNet, UNetConfig
 from ...nn.vae import AutoencoderKL, VAEConfig
 from ...text.conditioner import SDXL_SIZE_EMBED
-from ..checkpoint import CheckpointError, check_state_shapes, read_json, write_json
+from ..checkpoint import CheckpointError, check_state_shapes, on_meta, read_json, write_json
 from . import keymaps
 from .diffusers_config import (unet_config_from_diffusers, unet_config_to_diffusers, vae_config_from_diffusers,
                                vae_config_to_diffusers)
@@ -104,7 +104,7 @@ def check_shapes(expected: dict[str, tuple], weights: Weights, what: str) -> Non
 
 
 def _build(cls, config, weights: Weights, dtype, device, what: str):
-    with torch.device("meta"):
+    with on_meta():
         module = cls(config)
     check_shapes({k: tuple(v.shape) for k, v in module.state_dict().items()}, weights, what)
     module.load_state_dict(materialize(weights, dtype), assign=True)
