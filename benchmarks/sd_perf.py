@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -201,6 +202,56 @@ def worker(lib: str, folder: Path, size: int, steps: int, vae_tile: int | None, 
             "unet_gflop_per_step": flops / 1e9, "gflops": flops / 1e9 / step_s}
 
 
+def unet_ab(folder: Path, size: int, calls: int, device: str = "cpu", dtype: str = "fp32") -> dict:
+    """Both U-Nets in one process, called alternately on the same inputs (CFG batch of 2): step
+    speed without the between-process drift of the whole-run comparison."""
+    import diffusers
+    from sumie.pipelines import StableDiffusion
+
+    dt, latent = DTYPES[dtype], size // 8
+    pipe = StableDiffusion.from_pretrained(folder, device=device, dtype=dt, stream_weights=False)
+    ours = pipe.build_unet()
+    theirs = diffusers.UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=dt).to(device).eval()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, latent, latent, generator=g).to(device, dt)
+    ctx = torch.randn(2, 77, 768, generator=g).to(device, dt)
+    t = torch.full((2,), 500.0, device=device)
+    fns = {"sumie": lambda: ours(x, t, {"context": ctx}), "diffusers": lambda: theirs(x, t, encoder_hidden_states=ctx)}
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    with torch.inference_mode():
+        for name in fns:  # first calls (weight pages, kernel selection) untimed
+            fns[name]()
+        for i in range(calls):
+            for name in (list(fns) if i % 2 == 0 else list(fns)[::-1]):
+                sync(device)
+                t0 = time.perf_counter()
+                fns[name]()
+                sync(device)
+                times[name].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {"calls": times, "median_s": med, "ratio": med["sumie"] / med["diffusers"]}
+
+
+def round_ratios(runs: dict[str, list[dict]], lib: str, key: str) -> list[float]:
+    """``lib``'s value over diffusers' in each round (both measured back to back in that round): on a
+    machine whose speed drifts by several percent between runs, their median is steadier than the
+    ratio of the best runs, which one lucky run decides."""
+    return [a[key] / b[key] for a, b in zip(runs[lib], runs["diffusers"])]
+
+
+def print_round_ratios(runs: dict[str, list[dict]]) -> dict:
+    out = {}
+    for lib in runs:
+        if lib == "diffusers" or len(runs[lib]) < 2:
+            continue
+        for key in ("step_s", "total_s"):
+            rs = round_ratios(runs, lib, key)
+            out[f"{lib}/{key}"] = {"rounds": rs, "median": statistics.median(rs)}
+            print(f"per-round {lib}/diffusers {key}: {' '.join(f'{r:.3f}' for r in rs)}  "
+                  f"median {statistics.median(rs):.3f}")
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", type=int, default=512, help="image height and width in pixels (multiple of 64)")
@@ -215,6 +266,8 @@ def main(argv=None) -> int:
                     "(least load + image time) is reported, all runs go into --json")
     ap.add_argument("--variants", default="", help="also measure sumie with these CPU memory modes (comma list): "
                     "resident (stream_weights=False), stream (every U-Net block streamed)")
+    ap.add_argument("--unet-ab", type=int, default=0, metavar="N",
+                    help="instead: N alternating calls of each U-Net in one process (step speed only)")
     ap.add_argument("--worker", choices=["sumie", "sumie-resident", "sumie-stream", "diffusers"],
                     help=argparse.SUPPRESS)
     ap.add_argument("--folder", type=Path, help=argparse.SUPPRESS)
@@ -237,6 +290,14 @@ def main(argv=None) -> int:
         print(f"building SD 1.5 (random weights) in {folder} ...", flush=True)
         subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
                         f"import sd_perf; from pathlib import Path; sd_perf.build(Path({str(folder)!r}))"], check=True)
+    if args.unet_ab:
+        res = unet_ab(folder, args.size, args.unet_ab, args.device, args.dtype)
+        print(f"U-Net alone, {args.unet_ab} alternating calls each, {args.device} {args.dtype}, {args.size}x{args.size}, "
+              f"{args.threads} thread(s): median s/call sumie {res['median_s']['sumie']:.3f}, diffusers "
+              f"{res['median_s']['diffusers']:.3f}, ratio {res['ratio']:.3f}")
+        if args.json:
+            args.json.write_text(json.dumps(res, indent=2) + "\n")
+        return 0
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
     variants = [v for v in args.variants.split(",") if v]
     if set(variants) - {"resident", "stream"}:
@@ -275,10 +336,12 @@ def main(argv=None) -> int:
         print(f"{lib:<15}" + "".join(f"{r[k]:>15.3f}" for k, _ in cols))
     for lib, rt in ratios.items():
         print(f"{'ratio':<15}" + "".join(f"{rt[k]:>15.3f}" for k, _ in cols) + f"   ({lib} / diffusers)")
+    per_round = print_round_ratios(runs)
     if args.json:
         config = {k: getattr(args, k) for k in ("device", "dtype", "size", "steps", "threads", "vae_tile")}
         args.json.write_text(json.dumps({"config": {**config, "torch": torch.__version__}, "rows": rows,
-                                         "ratio": ratio, "ratios": ratios, "runs": runs}, indent=2) + "\n")
+                                         "ratio": ratio, "ratios": ratios, "per_round": per_round, "runs": runs},
+                                        indent=2) + "\n")
     if tmp is not None:
         tmp.cleanup()
     return 0
