@@ -231,6 +231,8 @@ def test_ema_averages_every_parameter_and_follows_a_moved_model():
     with torch.no_grad():
         for p in net.parameters():
             p.fill_(3.0)
+        net[1].running_mean.fill_(-2.0)  # buffers are new tensors after .to(): the EMA copies these
     ema.update(net)
+    assert torch.equal(ema.shadow[1].running_mean, torch.full((3,), -2.0))
     assert all(torch.isfinite(s).all() and s.dtype == torch.float32 for s in ema.shadow.parameters())
     assert all((s - 3.0).abs().max() < (b - 3.0).abs().max() for s, b in zip(ema.shadow.parameters(), before))

@@ -21,24 +21,26 @@ class EMA:
         self.decay = decay
         self.shadow = copy.deepcopy(model).eval().requires_grad_(False)
         self.num_updates = 0
-        self._pairs: tuple[int, list, list, list, list] | None = None
+        self._params: tuple[int, list, list] | None = None
+        self._has_buffers = any(True for _ in self.shadow.buffers())
 
-    def _tensors(self, model: nn.Module) -> tuple[list, list, list, list]:
-        # module traversal costs more than the averaging for small nets: list the tensors once per model
-        if self._pairs is None or self._pairs[0] != id(model):
-            self._pairs = (id(model), list(self.shadow.parameters()), list(model.parameters()),
-                           list(self.shadow.buffers()), list(model.buffers()))
-        return self._pairs[1:]
+    def _parameters(self, model: nn.Module) -> tuple[list, list]:
+        # module traversal costs more than the averaging for small nets: list the parameters once per
+        # model (moving a module keeps its Parameter objects; buffers are replaced, so they are not kept)
+        if self._params is None or self._params[0] != id(model):
+            self._params = (id(model), list(self.shadow.parameters()), list(model.parameters()))
+        return self._params[1], self._params[2]
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         self.num_updates += 1
         d = min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
-        shadow, params, shadow_buffers, buffers = self._tensors(model)
+        shadow, params = self._parameters(model)
         if all(s.dtype == p.dtype and s.device == p.device for s, p in zip(shadow, params)):
             torch._foreach_lerp_(shadow, params, 1 - d)  # one fused pass over all parameters
         else:
             for s, p in zip(shadow, params):
                 s.lerp_(p.to(s.dtype), 1 - d)
-        for s, b in zip(shadow_buffers, buffers):
-            s.copy_(b)
+        if self._has_buffers:
+            for s, b in zip(self.shadow.buffers(), model.buffers()):
+                s.copy_(b)
