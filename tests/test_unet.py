@@ -74,3 +74,26 @@ def test_sd15_key_names_follow_latent_diffusion():
               "output_blocks.11.1.transformer_blocks.0.ff.net.0.proj.weight", "out.2.bias",
               "input_blocks.4.0.skip_connection.weight", "input_blocks.1.0.emb_layers.1.weight"):
         assert k in keys, k
+
+
+def test_position_code_lets_attention_tell_places_apart_and_starts_as_a_no_op():
+    from sumie.nn.layers import SpatialTransformer, position_features
+
+    f = position_features(3, 5)
+    assert f.shape == (15, 16) and torch.allclose(f[7], position_features(1, 1)[0], atol=1e-6)  # centre cell
+    torch.manual_seed(0)
+    plain = SpatialTransformer(16, 2, 8, context_dim=8, groups=4)
+    placed = SpatialTransformer(16, 2, 8, context_dim=8, groups=4, pos_embed=True)
+    torch.nn.init.normal_(plain.proj_out.weight)  # a trained-looking output projection
+    placed.load_state_dict({**plain.state_dict(), **{k: v for k, v in placed.state_dict().items() if "pos_proj" in k}})
+    x, ctx = torch.randn(2, 16, 1, 1).expand(2, 16, 6, 6), torch.randn(2, 3, 8)
+    assert torch.equal(plain(x, ctx), placed(x, ctx))  # zero-initialised projection: the same transformer
+    out = plain(x, ctx)
+    assert torch.allclose(out, out[..., :1, :1].expand_as(out), atol=1e-5)  # blind to place: a flat map stays flat
+    torch.nn.init.normal_(placed.pos_proj.weight)
+    out = placed(x, ctx)
+    assert (out - out[..., :1, :1]).abs().amax() > 0.1  # now each place answers differently
+    net = UNet(UNetConfig(in_channels=3, out_channels=3, model_channels=16, channel_mult=(1, 2), num_res_blocks=1,
+                          attention_resolutions=(2,), norm_groups=4, context_dim=8, pos_embed=True))
+    assert sum("pos_proj" in k for k in net.state_dict()) == 4  # one down, the middle, two up
+    assert not any(getattr(UNetConfig, n)().pos_embed for n in ("sd15", "sd21", "sdxl"))  # SD keys stay SD's

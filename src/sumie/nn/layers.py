@@ -27,6 +27,25 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     return emb
 
 
+POS_FREQS = 4  # octaves of the 2-D position features: 4 * POS_FREQS features per token
+
+
+def position_features(h: int, w: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    """Fixed 2-D Fourier features of each cell of an h x w grid, (h*w, 4 * POS_FREQS).
+
+    Cell centres are put on [-1, 1] in each axis, so a feature names a *relative* place
+    ("top left" is the same vector at 8x8 and 16x16), and each coordinate u goes through
+    sin/cos(2^k * pi * u / 2) for k < POS_FREQS: Fourier features of Tancik et al. 2020 (the
+    2-D sinusoidal position code of Vaswani et al. 2017 sec. 3.5 on normalised coordinates).
+    Row-major order, matching the (B, H*W, C) token layout of :class:`SpatialTransformer`.
+    """
+    ys = (torch.arange(h, device=device, dtype=torch.float32) + 0.5) / h * 2 - 1
+    xs = (torch.arange(w, device=device, dtype=torch.float32) + 0.5) / w * 2 - 1
+    grid = torch.stack(torch.meshgrid(ys, xs, indexing="ij"), dim=-1).reshape(h * w, 2)  # (HW, [y, x])
+    args = grid[:, :, None] * (math.pi / 2 * 2.0 ** torch.arange(POS_FREQS, device=device))  # (HW, 2, F)
+    return torch.cat([args.sin(), args.cos()], dim=-1).reshape(h * w, 4 * POS_FREQS).to(dtype)
+
+
 def zero_module(module: nn.Module) -> nn.Module:
     """Zero a module's parameters so a residual branch starts as the identity (ADM)."""
     for p in module.parameters():
@@ -169,14 +188,21 @@ class BasicTransformerBlock(nn.Module):
 
 class SpatialTransformer(nn.Module):
     """Image tokens through ``depth`` transformer blocks, between 1x1 (or linear) projections
-    (latent diffusion's ``SpatialTransformer``; ``use_linear`` as in SD 2.x and SDXL)."""
+    (latent diffusion's ``SpatialTransformer``; ``use_linear`` as in SD 2.x and SDXL).
+
+    ``pos_embed`` adds a learned projection of :func:`position_features` to the tokens before
+    the blocks (zero-initialised, so it starts as the plain transformer): attention is otherwise
+    blind to where a token sits, and cross-attention cannot tie "at the top left" to a place.
+    Latent diffusion has no such term (its deep U-Net learns places from convolution padding);
+    small sumie models need it. Off for the Stable Diffusion layouts."""
 
     def __init__(self, channels: int, heads: int, dim_head: int, depth: int = 1,
                  context_dim: int | None = None, use_linear: bool = False, groups: int = 32,
-                 dropout: float = 0.0):
+                 dropout: float = 0.0, pos_embed: bool = False):
         super().__init__()
         inner = heads * dim_head
         self.use_linear = use_linear
+        self.pos_proj = zero_module(nn.Linear(4 * POS_FREQS, inner, bias=False)) if pos_embed else None
         self.norm = group_norm(channels, groups, eps=1e-6)
         if use_linear:
             self.proj_in = nn.Linear(channels, inner)
@@ -197,6 +223,8 @@ class SpatialTransformer(nn.Module):
         x = x.permute(0, 2, 3, 1).reshape(b, h * w, -1)  # (B, H*W, C), contiguous: LayerNorm and adds run dense
         if self.use_linear:
             x = self.proj_in(x)
+        if self.pos_proj is not None:
+            x = x + self.pos_proj(position_features(h, w, x.device, x.dtype))
         for block in self.transformer_blocks:
             x = block(x, context, mask)
         if self.use_linear:

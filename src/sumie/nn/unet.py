@@ -58,6 +58,9 @@ class UNetConfig:
     # the last (pixel unshuffle, Shi et al. 2016), so the network runs at 1/p resolution: the cheap
     # stem of Hoogeboom et al. 2023 ("simple diffusion") for small CPU models. 1 for SD layouts.
     patch_size: int = 1
+    # learned 2-D position code on the tokens of every spatial transformer (layers.SpatialTransformer):
+    # lets small models place what a prompt asks for ("at the top left"); False for SD layouts
+    pos_embed: bool = False
 
     def __post_init__(self):
         self.channel_mult = tuple(self.channel_mult)
@@ -135,7 +138,7 @@ class UNet(nn.Module):
             else:
                 heads, dim_head = c.num_heads, channels // c.num_heads
             return SpatialTransformer(channels, heads, dim_head, depth, c.context_dim, c.use_linear_in_transformer,
-                                      c.norm_groups, c.dropout)
+                                      c.norm_groups, c.dropout, c.pos_embed)
 
         def resblock(cin: int, cout: int) -> ResBlock:
             return ResBlock(cin, emb_dim, cout, c.dropout, c.norm_groups, c.resblock_scale_shift)

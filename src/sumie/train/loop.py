@@ -8,6 +8,7 @@ non-finite loss stops the run with the last good checkpoint left whole.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import signal
@@ -245,18 +246,26 @@ class Trainer:
     # -- state ---------------------------------------------------------------
     def _init_from(self, path: str) -> None:
         """Start from another model's EMA weights (U-Net and trained text encoder; a fresh optimizer
-        at step 0): the architecture, diffusion and text settings must be the same."""
+        at step 0): the architecture, diffusion and text settings must be the same, except that this
+        run may add ``model.pos_embed``, whose zero-initialised projections keep their start values
+        (the fine-tune begins as the same function and learns to use positions)."""
         ckpt = resolve_checkpoint(path)
         other = from_dict(read_json(ckpt / "config.json"))
+        add_pos = self.config.model.pos_embed and not other.model.pos_embed
+        if add_pos:
+            other.model = dataclasses.replace(other.model, pos_embed=True)
         for section in ("model", "diffusion", "text"):
             if getattr(other, section) != getattr(self.config, section):
                 raise CheckpointError(f"train.init_from: the [{section}] config of {ckpt} differs from this run's; "
-                                      f"fine-tuning needs the same architecture (start from its config.json)")
+                                      f"fine-tuning needs the same architecture (start from its config.json; "
+                                      f"only model.pos_embed may be switched on)")
         pairs = [(self.denoiser.net, self.ema, "ema.safetensors")]
         if self.text_ema is not None:
             pairs.append((self.text, self.text_ema, TEXT_FILES["ema"]))
         for module, ema, name in pairs:
             weights = load_tensors(ckpt / name)
+            if add_pos and module is self.denoiser.net:
+                weights.update({k: v for k, v in module.state_dict().items() if ".pos_proj." in k})
             load_state_strict(module, weights, str(ckpt))
             load_state_strict(ema.shadow, weights, str(ckpt))
             ema.num_updates = 10**6  # the average starts at these weights with the full decay, no warm-up
