@@ -181,10 +181,15 @@ def test_init_from_starts_at_the_models_ema_weights_and_checks_the_architecture(
     assert tr.step == 0 and tr.text.tokenizer.to_json() == read_json(model / "tokenizer.json")  # the model's vocabulary
     assert tr.run().step == 3
     cfg.model.pos_embed = True  # switching the position code on: same function at the start, new projections
+    cfg.diffusion.p_mean = 0.3  # and another training noise distribution: the objective, not the model
     tr = Trainer(cfg, tmp_path / "c", progress=False)
     pos = {k: v for k, v in tr.denoiser.net.state_dict().items() if ".pos_proj." in k}
     assert pos and all(not v.any() for v in pos.values())
     assert all(torch.equal(v, ema[k].float()) for k, v in tr.denoiser.net.state_dict().items() if k not in pos)
+    cfg.diffusion.sigma_data = 0.7  # changes the denoiser: refused
+    with pytest.raises(CheckpointError, match=r"\[diffusion\] config .* differs"):
+        Trainer(cfg, tmp_path / "d", progress=False)
+    cfg.diffusion.sigma_data = preset("tiny-text").diffusion.sigma_data
     cfg.model.model_channels *= 2
     with pytest.raises(CheckpointError, match=r"\[model\] config .* differs"):
         Trainer(cfg, tmp_path / "d", progress=False)

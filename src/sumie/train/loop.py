@@ -248,12 +248,17 @@ class Trainer:
         """Start from another model's EMA weights (U-Net and trained text encoder; a fresh optimizer
         at step 0): the architecture, diffusion and text settings must be the same, except that this
         run may add ``model.pos_embed``, whose zero-initialised projections keep their start values
-        (the fine-tune begins as the same function and learns to use positions)."""
+        (the fine-tune begins as the same function and learns to use positions), and may train on
+        another noise-level distribution or loss weighting (they shape the objective, not the model)."""
         ckpt = resolve_checkpoint(path)
         other = from_dict(read_json(ckpt / "config.json"))
         add_pos = self.config.model.pos_embed and not other.model.pos_embed
         if add_pos:
             other.model = dataclasses.replace(other.model, pos_embed=True)
+        d = self.config.diffusion
+        other.diffusion = dataclasses.replace(other.diffusion, p_mean=d.p_mean, p_std=d.p_std,
+                                              loss_weighting=d.loss_weighting, min_snr_gamma=d.min_snr_gamma,
+                                              noise_offset=d.noise_offset)
         for section in ("model", "diffusion", "text"):
             if getattr(other, section) != getattr(self.config, section):
                 raise CheckpointError(f"train.init_from: the [{section}] config of {ckpt} differs from this run's; "
