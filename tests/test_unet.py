@@ -97,3 +97,15 @@ def test_position_code_lets_attention_tell_places_apart_and_starts_as_a_no_op():
                           attention_resolutions=(2,), norm_groups=4, context_dim=8, pos_embed=True))
     assert sum("pos_proj" in k for k in net.state_dict()) == 4  # one down, the middle, two up
     assert not any(getattr(UNetConfig, n)().pos_embed for n in ("sd15", "sd21", "sdxl"))  # SD keys stay SD's
+
+
+def test_only_stable_diffusion_style_unets_have_a_diffusers_layout():
+    import dataclasses
+
+    from sumie.io.checkpoint import CheckpointError
+    from sumie.io.sd.diffusers_config import unet_config_to_diffusers
+
+    assert unet_config_to_diffusers(UNetConfig.sd15(), 64)["cross_attention_dim"] == 768
+    for change in ({"pos_embed": True}, {"patch_size": 2}, {"num_classes": 10}):
+        with pytest.raises(CheckpointError, match="no position code"):
+            unet_config_to_diffusers(dataclasses.replace(UNetConfig.sd15(), **change), 64)

@@ -81,9 +81,10 @@ def unet_config_from_diffusers(cfg: dict) -> UNetConfig:
 
 def unet_config_to_diffusers(c: UNetConfig, sample_size: int) -> dict:
     """:class:`UNetConfig` -> a diffusers ``UNet2DConditionModel`` config (refuses what it cannot express)."""
-    if c.num_classes is not None or c.patch_size != 1 or c.resblock_scale_shift or c.context_dim is None:
+    if c.num_classes is not None or c.patch_size != 1 or c.resblock_scale_shift or c.context_dim is None \
+            or c.pos_embed:
         raise CheckpointError("only Stable-Diffusion-style U-Nets (cross-attention, no class labels, no patch stem, "
-                              "no scale-shift norm) have a diffusers layout")
+                              "no scale-shift norm, no position code) have a diffusers layout")
     n = len(c.channel_mult)
     attn = [level_has_attention(c, i) for i in range(n)]
     boc = [c.model_channels * m for m in c.channel_mult]
