@@ -33,7 +33,7 @@ def sensitivity(path: str, sigmas: list[float], ema: bool = True, n: int = 8) ->
     shape = load_space(path, cfg).latent_shape(cfg.data.resolution)
     prompts = [BASE] + [BASE.replace(a, b) for a, b in EDITS.values()]
     x = torch.randn((n, *shape), generator=torch.Generator().manual_seed(0))
-    out = {"model": path, "weights": "ema" if ema else "raw", "x0_change": {}, "tokens": {}}
+    out = {"x0_change": {}, "tokens": {}}
     with torch.no_grad():
         cond = text_cond(enc, prompts)
         for s in sigmas:
@@ -50,7 +50,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("models", nargs="+")
     ap.add_argument("--sigmas", default="0.5,2,8")
-    ap.add_argument("--raw", action="store_true", help="the raw weights of a run (default: EMA)")
+    ap.add_argument("--raw", action="store_true", help="the raw U-Net weights of a run (default: EMA; the text encoder is always its EMA)")
     args = ap.parse_args()
     sigmas = [float(s) for s in args.sigmas.split(",")]
     print(f"caption: {BASE!r}; x0 change (L2 over 8 draws) per single-attribute edit")

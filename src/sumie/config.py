@@ -12,7 +12,7 @@ import json
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from .nn.unet import UNetConfig
 from .text.base import TextConfig
@@ -34,6 +34,10 @@ class DiffusionConfig:
     loss_weighting: str = "native"  # native | min_snr
     min_snr_gamma: float = 5.0
     noise_offset: float = 0.0
+
+    # fields that shape the training objective only (not the denoiser): a fine-tune may change them
+    OBJECTIVE_FIELDS: ClassVar[tuple[str, ...]] = ("p_mean", "p_std", "loss_weighting", "min_snr_gamma",
+                                                   "noise_offset")
 
 
 @dataclass

@@ -256,14 +256,15 @@ class Trainer:
         if add_pos:
             other.model = dataclasses.replace(other.model, pos_embed=True)
         d = self.config.diffusion
-        other.diffusion = dataclasses.replace(other.diffusion, p_mean=d.p_mean, p_std=d.p_std,
-                                              loss_weighting=d.loss_weighting, min_snr_gamma=d.min_snr_gamma,
-                                              noise_offset=d.noise_offset)
-        for section in ("model", "diffusion", "text"):
+        other.diffusion = dataclasses.replace(other.diffusion,
+                                              **{f: getattr(d, f) for f in d.OBJECTIVE_FIELDS})
+        may_differ = {"model": "model.pos_embed may be switched on",
+                      "diffusion": f"only {', '.join(d.OBJECTIVE_FIELDS)} may differ", "text": "nothing may differ"}
+        for section, allowed in may_differ.items():
             if getattr(other, section) != getattr(self.config, section):
                 raise CheckpointError(f"train.init_from: the [{section}] config of {ckpt} differs from this run's; "
                                       f"fine-tuning needs the same architecture (start from its config.json; "
-                                      f"only model.pos_embed may be switched on)")
+                                      f"{allowed})")
         pairs = [(self.denoiser.net, self.ema, "ema.safetensors")]
         if self.text_ema is not None:
             pairs.append((self.text, self.text_ema, TEXT_FILES["ema"]))
