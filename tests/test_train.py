@@ -160,6 +160,24 @@ def test_bf16_autocast_and_gradient_accumulation_paths(tiny_config, tmp_path):
         Trainer(tiny_config, tmp_path / "bad", progress=False)
 
 
+def test_auto_precision_is_bf16_only_where_the_hardware_multiplies_bf16(monkeypatch):
+    from sumie.train import loop
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    for avx512_bf16, amx, expected in ((False, False, None), (True, False, torch.bfloat16),
+                                       (False, True, torch.bfloat16)):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v, raising=False)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v, raising=False)
+        assert loop.autocast_dtype("auto", cpu) is expected
+        assert loop.autocast_dtype("fp32", cpu) is None and loop.autocast_dtype("bf16", cpu) is torch.bfloat16
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")  # a torch without the probes: emulated, fp32
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")
+    assert loop.autocast_dtype("auto", cpu) is None
+    for supported, expected in ((True, torch.bfloat16), (False, None)):
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda v=supported: v)
+        assert loop.autocast_dtype("auto", cuda) is expected
+
+
 def test_init_from_starts_at_the_models_ema_weights_and_checks_the_architecture(tmp_path):
     from sumie.config import preset
     from sumie.io.checkpoint import CheckpointError

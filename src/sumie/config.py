@@ -68,7 +68,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     grad_accum: int = 1
     ema_decay: float = 0.999
-    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
+    precision: str = "auto"  # auto (bf16 on CUDA and on CPUs with native bf16, else fp32) | fp32 | bf16 | fp16
     cond_drop_prob: float = 0.1  # condition dropout for classifier-free guidance
     ckpt_every: int = 500
     keep_checkpoints: int = 2
