@@ -178,6 +178,26 @@ def test_auto_precision_is_bf16_only_where_the_hardware_multiplies_bf16(monkeypa
         assert loop.autocast_dtype("auto", cuda) is expected
 
 
+def test_compiled_training_matches_eager_and_a_failed_compile_falls_back(tiny_config, tmp_path, monkeypatch):
+    tiny_config.train.max_steps, tiny_config.train.ckpt_every, tiny_config.train.precision = 3, 3, "fp32"
+    eager = train(tiny_config, tmp_path / "eager", progress=False)
+    tiny_config.train.compile = True
+    compiled = train(tiny_config, tmp_path / "compiled", progress=False)
+    np.testing.assert_allclose(compiled.losses, eager.losses, rtol=1e-3)  # same data, noise and init
+    a, b = (load_tensors(latest_checkpoint(r.run_dir) / "ema.safetensors") for r in (eager, compiled))
+    assert a.keys() == b.keys()  # no "_orig_mod." prefixes: checkpoints load anywhere
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-3
+
+    def broken_compile(fn, *args, **kwargs):
+        def run(*a, **k):
+            raise RuntimeError("inductor: no working C++ compiler found")
+        return run
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    with pytest.warns(RuntimeWarning, match="torch.compile failed.*no working C\\+\\+ compiler"):
+        fallback = train(tiny_config, tmp_path / "fallback", progress=False)
+    assert fallback.losses == eager.losses  # the failed step is redone from the same random state
+
+
 def test_init_from_starts_at_the_models_ema_weights_and_checks_the_architecture(tmp_path):
     from sumie.config import preset
     from sumie.io.checkpoint import CheckpointError

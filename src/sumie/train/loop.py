@@ -14,6 +14,7 @@ import math
 import signal
 import threading
 import time
+import warnings
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -238,6 +239,9 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
         self.noise_gen = torch.Generator(device=self.device).manual_seed(t.seed + 1)
         self.cond_gen = torch.Generator().manual_seed(t.seed + 2)
+        self._compile_pending = bool(t.compile)
+        if t.compile:  # an instance attribute: state_dict keys, the EMA copy and exports are unaffected
+            self.denoiser.net.forward = torch.compile(self.denoiser.net.forward)
         self.order = DataOrder(len(self.dataset), config.data.seed, shuffle=config.data.kind != "shapes")
         self.positions = RunPositions(self.dataset, self.order)
         if t.num_workers < 0:
@@ -380,6 +384,28 @@ class Trainer:
         self._batches, self._next_batch = iter(loader), (step, 0)
 
     def train_step(self) -> float:
+        """One optimizer step (all micro-batches); returns the loss. With train.compile the first step
+        compiles the U-Net; if that fails (no C++ compiler, an unsupported op) the step is redone
+        eagerly, from the same random state, and training goes on without compilation."""
+        if not self._compile_pending:
+            return self._train_step()
+        self._compile_pending = False
+        rng = self.noise_gen.get_state(), self.cond_gen.get_state()
+        try:
+            return self._train_step()
+        except TrainingDiverged:
+            raise
+        except Exception as e:  # noqa: BLE001 - any compiler failure; a real error recurs eagerly below
+            del self.denoiser.net.forward  # back to the class's eager forward
+            self.opt.zero_grad(set_to_none=True)
+            self.noise_gen.set_state(rng[0])
+            self.cond_gen.set_state(rng[1])
+            reason = (str(e).strip().splitlines() or [""])[0][:200]
+            warnings.warn(f"train.compile: torch.compile failed ({type(e).__name__}: {reason}); "
+                          "training without it", RuntimeWarning, stacklevel=2)
+            return self._train_step()
+
+    def _train_step(self) -> float:
         t = self.config.train
         for g in self.opt.param_groups:
             g["lr"] = self.lr_at(self.step)
