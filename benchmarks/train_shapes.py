@@ -13,6 +13,10 @@ unguided, as a table of values and sumie/peer ratios. Writes a JSON report and g
 
     pip install -e ".[bench]"
     python benchmarks/train_shapes.py --minutes 10 --out benchmarks/results/train_shapes
+
+``--curve-every 250`` also keeps a checkpoint every 250 steps and reports the guided acceptance
+of the last 8 (within one run it rises smoothly; its slope at the end shows whether the budget,
+not the recipe, is what limits the result).
 """
 
 from __future__ import annotations
@@ -31,27 +35,52 @@ from torch.utils.data import default_collate
 from sumie.config import preset, resolve
 from sumie.data.shapes import NUM_CLASSES
 from sumie.image import make_grid, save_png, to_uint8, upscale
+from sumie.io.checkpoint import list_checkpoints
 from sumie.metrics.verifier import ShapesVerifier
+from sumie.models import load_model
 from sumie.pipeline import class_cond, sample, sigmas_for
-from sumie.train.loop import Trainer
+from sumie.train.loop import Trainer, autocast_dtype, cpu_has_native_bf16
 
 
 def labels_for(n: int) -> list[int]:
     return [i % NUM_CLASSES for i in range(n)]
 
 
+def sample_classes(den, labels: list[int], guidance_scale: float, sampler: str, sigmas: torch.Tensor) -> torch.Tensor:
+    """One sample per label, 64 at a time, batch i seeded by its first index."""
+    return torch.cat([sample(den, (3, 32, 32), len(labels[i:i + 64]), cond=class_cond(labels[i:i + 64]),
+                             uncond=class_cond([-1] * len(labels[i:i + 64])), guidance_scale=guidance_scale,
+                             sampler=sampler, sigmas=sigmas, seed=i, device="cpu") for i in range(0, len(labels), 64)])
+
+
+def learning_curve(run_dir: Path, cfg, sampler: str, steps: int, n: int, last: int) -> list[tuple[int, float]]:
+    """Guided acceptance of the EMA weights of the run's ``last`` checkpoints: within one run it
+    rises smoothly, so its slope at the end says whether more training would still pay."""
+    labels, verifier, curve = labels_for(n), ShapesVerifier.load(), []
+    for ckpt in list_checkpoints(run_dir)[-last:]:
+        den, _ = load_model(ckpt)
+        x = sample_classes(den, labels, cfg.sample.guidance_scale, sampler,
+                           sigmas_for(den, cfg.sample.schedule, steps, cfg.sample.rho))
+        accepted = float(verifier.accepts_labels(x, torch.tensor(labels)).float().mean())
+        curve.append((int(ckpt.name.split("-")[-1]), accepted))
+        print(f"   step {curve[-1][0]}: accepted {curve[-1][1]:.3f}", flush=True)
+    return curve
+
+
 def run_sumie(minutes: float, out: Path, n: int, steps: int, sampler: str | None,
-              overrides: list[str] = ()) -> tuple[dict, torch.Tensor]:
+              overrides: list[str] = (), curve_every: int = 0) -> tuple[dict, torch.Tensor]:
     cfg = resolve("shapes-32", overrides=overrides)
     cfg.train.time_budget_s = minutes * 60
     cfg.train.max_steps = 10**9
     cfg.train.sample_every = 0
-    cfg.train.ckpt_every = 0
+    cfg.train.ckpt_every = curve_every
+    cfg.train.keep_checkpoints = 10**6
     trainer = Trainer(cfg, out / "sumie", progress=False)
     params = sum(p.numel() for p in trainer.denoiser.net.parameters())
     res = trainer.run()
     den = trainer.ema_denoiser()
     sampler = sampler or cfg.sample.sampler
+    curve = learning_curve(res.run_dir, cfg, sampler, steps, n, last=8) if curve_every else None
     sigmas = sigmas_for(den, cfg.sample.schedule, steps, cfg.sample.rho)
     calls = []
 
@@ -62,21 +91,19 @@ def run_sumie(minutes: float, out: Path, n: int, steps: int, sampler: str | None
     labels = labels_for(n)
     out_images, stats = {}, {"params": params, "train_steps": res.step, "train_images_per_s": res.images_per_s,
                              "train_seconds": res.elapsed_s, "sampler": f"{sampler} + {cfg.sample.schedule}",
+                             "train_autocast": str(autocast_dtype(cfg.train.precision, torch.device("cpu"))),
+                             "train_compile": cfg.train.compile,
                              "steps": steps, "guidance_scale": cfg.sample.guidance_scale}
+    if curve is not None:
+        stats["curve_accepted_guided"] = curve
     for g in (cfg.sample.guidance_scale, 1.0):
         calls.clear()
-        images = []
-        t0 = time.perf_counter()
-        for i in range(0, n, 64):
-            lab = labels[i:i + 64]
-            images.append(sample(counting, (3, 32, 32), len(lab), cond=class_cond(lab),
-                                 uncond=class_cond([-1] * len(lab)), guidance_scale=g, sampler=sampler,
-                                 sigmas=sigmas, seed=i, device="cpu"))
-        dt = time.perf_counter() - t0
         key = "guided" if g != 1.0 else "unguided"
-        stats[f"nfe_{key}"] = len(calls) // len(images)
+        t0 = time.perf_counter()
+        out_images[key] = sample_classes(counting, labels, g, sampler, sigmas)
+        dt = time.perf_counter() - t0
+        stats[f"nfe_{key}"] = len(calls) // math.ceil(n / 64)
         stats[f"sample_images_per_s_{key}"] = n / dt
-        out_images[key] = torch.cat(images)
     return stats, out_images
 
 
@@ -165,6 +192,9 @@ def main() -> None:
     ap.add_argument("--sampler", default=None, help="sumie sampler (default: the preset's)")
     ap.add_argument("--out", default="benchmarks/results/train_shapes")
     ap.add_argument("--skip-peer", action="store_true")
+    ap.add_argument("--curve-every", type=int, default=0, metavar="STEPS",
+                    help="also checkpoint every STEPS steps and report the guided acceptance of the last 8 "
+                         "checkpoints (sumie only; ~40 s each)")
     ap.add_argument("--set", nargs="*", default=[], metavar="SECTION.KEY=VALUE",
                     help="overrides of sumie's shapes-32 preset (for experiments)")
     args = ap.parse_args()
@@ -173,8 +203,10 @@ def main() -> None:
     verifier = ShapesVerifier.load()
     labels = torch.tensor(labels_for(args.n))
     report = {"machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+              "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu_native_bf16": cpu_has_native_bf16(),
               "minutes": args.minutes, "n": args.n, "sumie_overrides": args.set}
-    systems = [("sumie", lambda: run_sumie(args.minutes, out, args.n, args.steps, args.sampler, args.set))]
+    systems = [("sumie", lambda: run_sumie(args.minutes, out, args.n, args.steps, args.sampler, args.set,
+                                                 args.curve_every))]
     if not args.skip_peer:
         systems.append(("diffusers", lambda: run_diffusers(args.minutes, args.n, args.steps)))
     for name, fn in systems:
