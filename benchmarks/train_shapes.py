@@ -53,10 +53,11 @@ def sample_classes(den, labels: list[int], guidance_scale: float, sampler: str, 
                              sampler=sampler, sigmas=sigmas, seed=i, device="cpu") for i in range(0, len(labels), 64)])
 
 
-def learning_curve(run_dir: Path, cfg, sampler: str, steps: int, n: int, last: int) -> list[tuple[int, float]]:
+def learning_curve(run_dir: Path, cfg, sampler: str, steps: int, n: int, verifier: ShapesVerifier,
+                   last: int = 8) -> list[tuple[int, float]]:
     """Guided acceptance of the EMA weights of the run's ``last`` checkpoints: within one run it
     rises smoothly, so its slope at the end says whether more training would still pay."""
-    labels, verifier, curve = labels_for(n), ShapesVerifier.load(), []
+    labels, curve = labels_for(n), []
     for ckpt in list_checkpoints(run_dir)[-last:]:
         den, _ = load_model(ckpt)
         x = sample_classes(den, labels, cfg.sample.guidance_scale, sampler,
@@ -68,19 +69,21 @@ def learning_curve(run_dir: Path, cfg, sampler: str, steps: int, n: int, last: i
 
 
 def run_sumie(minutes: float, out: Path, n: int, steps: int, sampler: str | None,
-              overrides: list[str] = (), curve_every: int = 0) -> tuple[dict, torch.Tensor]:
+              overrides: list[str] = (), curve_every: int = 0,
+              verifier: ShapesVerifier | None = None) -> tuple[dict, torch.Tensor]:
     cfg = resolve("shapes-32", overrides=overrides)
     cfg.train.time_budget_s = minutes * 60
     cfg.train.max_steps = 10**9
     cfg.train.sample_every = 0
     cfg.train.ckpt_every = curve_every
-    cfg.train.keep_checkpoints = 10**6
+    cfg.train.keep_checkpoints = 10**6 if curve_every else cfg.train.keep_checkpoints
     trainer = Trainer(cfg, out / "sumie", progress=False)
     params = sum(p.numel() for p in trainer.denoiser.net.parameters())
     res = trainer.run()
     den = trainer.ema_denoiser()
     sampler = sampler or cfg.sample.sampler
-    curve = learning_curve(res.run_dir, cfg, sampler, steps, n, last=8) if curve_every else None
+    curve = (learning_curve(res.run_dir, cfg, sampler, steps, n, verifier or ShapesVerifier.load())
+             if curve_every else None)
     sigmas = sigmas_for(den, cfg.sample.schedule, steps, cfg.sample.rho)
     calls = []
 
@@ -206,7 +209,7 @@ def main() -> None:
               "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu_native_bf16": cpu_has_native_bf16(),
               "minutes": args.minutes, "n": args.n, "sumie_overrides": args.set}
     systems = [("sumie", lambda: run_sumie(args.minutes, out, args.n, args.steps, args.sampler, args.set,
-                                                 args.curve_every))]
+                                                 args.curve_every, verifier))]
     if not args.skip_peer:
         systems.append(("diffusers", lambda: run_diffusers(args.minutes, args.n, args.steps)))
     for name, fn in systems:
