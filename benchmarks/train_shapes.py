@@ -53,12 +53,12 @@ def sample_classes(den, labels: list[int], guidance_scale: float, sampler: str, 
                              sampler=sampler, sigmas=sigmas, seed=i, device="cpu") for i in range(0, len(labels), 64)])
 
 
-def learning_curve(run_dir: Path, cfg, sampler: str, steps: int, n: int, verifier: ShapesVerifier,
-                   last: int = 8) -> list[tuple[int, float]]:
-    """Guided acceptance of the EMA weights of the run's ``last`` checkpoints: within one run it
-    rises smoothly, so its slope at the end says whether more training would still pay."""
+def learning_curve(ckpts: list[Path], cfg, sampler: str, steps: int, n: int,
+                   verifier: ShapesVerifier) -> list[tuple[int, float]]:
+    """Guided acceptance of the EMA weights of these checkpoints: within one run it rises
+    smoothly, so its slope at the end says whether more training would still pay."""
     labels, curve = labels_for(n), []
-    for ckpt in list_checkpoints(run_dir)[-last:]:
+    for ckpt in ckpts:
         den, _ = load_model(ckpt)
         x = sample_classes(den, labels, cfg.sample.guidance_scale, sampler,
                            sigmas_for(den, cfg.sample.schedule, steps, cfg.sample.rho))
@@ -82,7 +82,9 @@ def run_sumie(minutes: float, out: Path, n: int, steps: int, sampler: str | None
     res = trainer.run()
     den = trainer.ema_denoiser()
     sampler = sampler or cfg.sample.sampler
-    curve = (learning_curve(res.run_dir, cfg, sampler, steps, n, verifier or ShapesVerifier.load())
+    verifier = verifier or ShapesVerifier.load()
+    # the final checkpoint holds these EMA weights: its point is the guided measurement below
+    curve = (learning_curve(list_checkpoints(res.run_dir)[-8:-1], cfg, sampler, steps, n, verifier)
              if curve_every else None)
     sigmas = sigmas_for(den, cfg.sample.schedule, steps, cfg.sample.rho)
     calls = []
@@ -97,8 +99,6 @@ def run_sumie(minutes: float, out: Path, n: int, steps: int, sampler: str | None
                              "train_autocast": str(autocast_dtype(cfg.train.precision, torch.device("cpu"))),
                              "train_compile": cfg.train.compile,
                              "steps": steps, "guidance_scale": cfg.sample.guidance_scale}
-    if curve is not None:
-        stats["curve_accepted_guided"] = curve
     for g in (cfg.sample.guidance_scale, 1.0):
         calls.clear()
         key = "guided" if g != 1.0 else "unguided"
@@ -107,6 +107,11 @@ def run_sumie(minutes: float, out: Path, n: int, steps: int, sampler: str | None
         dt = time.perf_counter() - t0
         stats[f"nfe_{key}"] = len(calls) // math.ceil(n / 64)
         stats[f"sample_images_per_s_{key}"] = n / dt
+    if curve is not None:
+        accepted = verifier.accepts_labels(out_images["guided"], torch.tensor(labels)).float().mean()
+        curve.append((res.step, float(accepted)))
+        print(f"   step {res.step}: accepted {curve[-1][1]:.3f}", flush=True)
+        stats["curve_accepted_guided"] = curve
     return stats, out_images
 
 

@@ -81,8 +81,6 @@ class TrainConfig:
     num_workers: int = 0  # data-loading worker processes (0: load in the training process); order unchanged
     compile: bool = False  # torch.compile the U-Net for training (inductor): ~1.5 min of compiling on 2 CPU
     # cores when its cache is cold, then ~1.2x more images/s on CPU; falls back to eager with a warning if it fails.
-    # (Before layers.upsample_nearest2x, inductor zeroed the gradient through the U-Net's upsampling under
-    # bf16 autocast on CPU, so compiled bf16 runs trained only the first level: fixed, tested in test_unet.)
     init_from: str | None = None  # start from this model's EMA weights (run, ckpt-* or exported folder): fine-tuning
 
 

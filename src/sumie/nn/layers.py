@@ -119,12 +119,8 @@ class Upsample(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(channels, out_channels or channels, 3, padding=1)
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None, output_size=None) -> torch.Tensor:
-        if output_size is not None:
-            x = F.interpolate(x, size=output_size, mode="nearest")
-        else:
-            x = upsample_nearest2x(x)
-        return self.conv(x)
+    def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
+        return self.conv(upsample_nearest2x(x))  # odd sizes: the U-Net crops the result to the skip's size
 
 
 class Attention(nn.Module):
