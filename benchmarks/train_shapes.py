@@ -97,7 +97,7 @@ def run_sumie(minutes: float, out: Path, n: int, steps: int, sampler: str | None
     out_images, stats = {}, {"params": params, "train_steps": res.step, "train_images_per_s": res.images_per_s,
                              "train_seconds": res.elapsed_s, "sampler": f"{sampler} + {cfg.sample.schedule}",
                              "train_autocast": str(autocast_dtype(cfg.train.precision, torch.device("cpu"))),
-                             "train_compile": cfg.train.compile,
+                             "train_compile": cfg.train.compile, "train_first_step_seconds": res.first_step_s,
                              "steps": steps, "guidance_scale": cfg.sample.guidance_scale}
     for g in (cfg.sample.guidance_scale, 1.0):
         calls.clear()
@@ -197,23 +197,27 @@ def main() -> None:
     ap.add_argument("--minutes", type=float, default=10.0, help="training budget for each system")
     ap.add_argument("--n", type=int, default=256)
     ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--sampler", default=None, help="sumie sampler (default: the preset's)")
+    ap.add_argument("--sampler", default="dpmpp_2m",
+                    help="sumie sampler (default dpmpp_2m: one network call per step, as the peer's DDPM)")
+    ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                    help="train sumie with train.compile (torch.compile; its compile time counts in the budget)")
     ap.add_argument("--out", default="benchmarks/results/train_shapes")
     ap.add_argument("--skip-peer", action="store_true")
     ap.add_argument("--curve-every", type=int, default=0, metavar="STEPS",
                     help="also checkpoint every STEPS steps and report the guided acceptance of the last 8 "
                          "checkpoints (sumie only; ~40 s each)")
-    ap.add_argument("--set", nargs="*", default=[], metavar="SECTION.KEY=VALUE",
+    ap.add_argument("--set", nargs="*", action="extend", default=[], metavar="SECTION.KEY=VALUE",
                     help="overrides of sumie's shapes-32 preset (for experiments)")
     args = ap.parse_args()
+    overrides = ["train.compile=true"] * args.compile + args.set
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     verifier = ShapesVerifier.load()
     labels = torch.tensor(labels_for(args.n))
     report = {"machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
               "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu_native_bf16": cpu_has_native_bf16(),
-              "minutes": args.minutes, "n": args.n, "sumie_overrides": args.set}
-    systems = [("sumie", lambda: run_sumie(args.minutes, out, args.n, args.steps, args.sampler, args.set,
+              "minutes": args.minutes, "n": args.n, "sumie_overrides": overrides}
+    systems = [("sumie", lambda: run_sumie(args.minutes, out, args.n, args.steps, args.sampler, overrides,
                                                  args.curve_every, verifier))]
     if not args.skip_peer:
         systems.append(("diffusers", lambda: run_diffusers(args.minutes, args.n, args.steps)))

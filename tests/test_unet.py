@@ -59,6 +59,35 @@ def test_odd_sizes_and_batch_independence():
     assert torch.allclose(out[1:2], single, atol=1e-5)
 
 
+def test_transposed_upsample_is_a_learned_2x2_block_per_pixel_and_the_unet_runs_on_odd_sizes():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from sumie.nn.layers import Upsample
+
+    up = _randomise(Upsample(4, mode="transposed"))
+    x = torch.randn(1, 4, 3, 5)
+    y = up(x)
+    assert y.shape == (1, 4, 6, 10)
+    x2 = x.clone()
+    x2[0, :, 1, 2] += 1.0  # one input pixel moves exactly its own 2x2 output block
+    changed = (up(x2) - y).abs().sum(1)[0] > 0
+    expect = torch.zeros(6, 10, dtype=torch.bool)
+    expect[2:4, 4:6] = True
+    assert torch.equal(changed, expect)
+
+    flops = {}
+    for mode in ("conv", "transposed"):
+        net = _randomise(UNet(tiny(channel_mult=(1, 2, 2), upsample=mode)))
+        x = torch.randn(3, 3, 20, 12)
+        with FlopCounterMode(display=False) as fc:
+            out = net(x, torch.tensor([1.0, 2.0, 3.0]))
+        assert out.shape == x.shape and torch.isfinite(out).all()
+        flops[mode] = fc.get_total_flops()
+    assert flops["transposed"] < 0.9 * flops["conv"]
+    with pytest.raises(ValueError, match="unknown model.upsample 'bilinear'; valid: conv, transposed"):
+        tiny(upsample="bilinear")
+
+
 @pytest.mark.parametrize("name,params", [("sd15", 859_520_964), ("sd21", 865_910_724), ("sdxl", 2_567_463_684)])
 def test_stable_diffusion_layouts_have_the_published_parameter_counts(name, params):
     with torch.device("meta"):

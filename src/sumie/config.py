@@ -134,11 +134,14 @@ def _shapes_model(**kw) -> UNetConfig:
 
 def _preset_shapes32() -> RunConfig:
     """Class-conditional (shape x colour) pixel model at 32x32, sized for minutes on 2 CPU cores:
-    a 1.4M-parameter U-Net behind a 2x2 patch stem (~350 training images/s on 2 Zen 2 cores),
-    cosine LR, condition dropout for classifier-free guidance at sampling time."""
-    return RunConfig(model=_shapes_model(model_channels=32), data=DataConfig(kind="shapes", resolution=32),
+    a 1.3M-parameter U-Net behind a 2x2 patch stem, with AdaGN conditioning (scale and shift of
+    the normalised features, Dhariwal & Nichol 2021) and transposed-convolution upsampling,
+    constant LR after warmup (the EMA does the averaging), condition dropout for classifier-free
+    guidance at sampling time. Measured in the README (``benchmarks/train_shapes.py``)."""
+    return RunConfig(model=_shapes_model(model_channels=32, resblock_scale_shift=True, upsample="transposed"),
+                     data=DataConfig(kind="shapes", resolution=32),
                      train=TrainConfig(batch_size=32, lr=2e-3, max_steps=20000, warmup_steps=100,
-                                       lr_schedule="cosine", ckpt_every=500, sample_every=1000, ema_decay=0.998),
+                                       lr_schedule="constant", ckpt_every=500, sample_every=1000, ema_decay=0.998),
                      sample=SampleConfig(guidance_scale=5.0))
 
 

@@ -112,15 +112,27 @@ def upsample_nearest2x(x: torch.Tensor) -> torch.Tensor:
     return x[:, :, :, None, :, None].expand(b, c, h, 2, w, 2).reshape(b, c, 2 * h, 2 * w)
 
 
-class Upsample(nn.Module):
-    """Nearest-neighbour x2 upsampling followed by a 3x3 convolution (ADM ``Upsample``)."""
+UPSAMPLE_MODES = ("conv", "transposed")
 
-    def __init__(self, channels: int, out_channels: int | None = None):
+
+class Upsample(nn.Module):
+    """x2 upsampling. ``mode="conv"``: nearest neighbour, then a 3x3 convolution (ADM's and
+    Stable Diffusion's ``Upsample``). ``mode="transposed"``: a 2x2 stride-2 transposed
+    convolution, the "up-convolution" of Ronneberger et al. 2015 (U-Net): each input pixel
+    becomes a learned 2x2 block, at 1/9 of the multiply-adds; the residual blocks that follow
+    mix neighbours. Either way odd sizes are cropped by the U-Net to the skip's size."""
+
+    def __init__(self, channels: int, out_channels: int | None = None, mode: str = "conv"):
         super().__init__()
-        self.conv = nn.Conv2d(channels, out_channels or channels, 3, padding=1)
+        if mode not in UPSAMPLE_MODES:
+            raise ValueError(f"unknown upsample mode {mode!r}; valid: {', '.join(UPSAMPLE_MODES)}")
+        self.mode = mode
+        out = out_channels or channels
+        self.conv = (nn.Conv2d(channels, out, 3, padding=1) if mode == "conv"
+                     else nn.ConvTranspose2d(channels, out, 2, stride=2))
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
-        return self.conv(upsample_nearest2x(x))  # odd sizes: the U-Net crops the result to the skip's size
+        return self.conv(upsample_nearest2x(x) if self.mode == "conv" else x)
 
 
 class Attention(nn.Module):

@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import Downsample, ResBlock, SpatialTransformer, Upsample, group_norm, timestep_embedding, zero_module
+from .layers import (UPSAMPLE_MODES, Downsample, ResBlock, SpatialTransformer, Upsample, group_norm, timestep_embedding,
+                     zero_module)
 
 
 def _per_level(values, n: int) -> tuple[int, ...]:
@@ -61,6 +62,9 @@ class UNetConfig:
     # learned 2-D position code on the tokens of every spatial transformer (layers.SpatialTransformer):
     # lets small models place what a prompt asks for ("at the top left"); False for SD layouts
     pos_embed: bool = False
+    # "conv": nearest x2 then a 3x3 conv (ADM, SD layouts); "transposed": a 2x2 stride-2 transposed conv,
+    # 1/9 of the multiply-adds (layers.Upsample)
+    upsample: str = "conv"
 
     def __post_init__(self):
         self.channel_mult = tuple(self.channel_mult)
@@ -76,6 +80,8 @@ class UNetConfig:
             raise ValueError("num_res_blocks and transformer_depth need one entry per channel_mult level")
         if self.transformer_depth_middle is None:
             self.transformer_depth_middle = self.transformer_depth[-1]
+        if self.upsample not in UPSAMPLE_MODES:
+            raise ValueError(f"unknown model.upsample {self.upsample!r}; valid: {', '.join(UPSAMPLE_MODES)}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -174,7 +180,7 @@ class UNet(nn.Module):
                 if ds in c.attention_resolutions and c.transformer_depth[level] > 0:
                     layers.append(transformer(ch, c.transformer_depth[level]))
                 if level and i == c.num_res_blocks[level]:
-                    layers.append(Upsample(ch))
+                    layers.append(Upsample(ch, mode=c.upsample))
                     ds //= 2
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
 

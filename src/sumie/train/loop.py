@@ -51,6 +51,7 @@ class TrainResult:
     losses: list[float]
     images_per_s: float
     elapsed_s: float
+    first_step_s: float = 0.0  # this process's first step: with train.compile it includes compiling
 
 
 def resolve_device(name: str) -> torch.device:
@@ -484,7 +485,7 @@ class Trainer:
             bar = tqdm(total=max_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
         status = "finished"
         imgs = 0
-        t_run = 0.0
+        t_run = first_step_s = 0.0
         with _stop_on_signals(stop), open(log_path, "a") as log:
             while self.step < max_steps:
                 if t.time_budget_s is not None and self.elapsed >= t.time_budget_s:
@@ -493,6 +494,7 @@ class Trainer:
                 t0 = time.perf_counter()
                 loss = self.train_step()
                 dt = time.perf_counter() - t0
+                first_step_s = first_step_s or dt
                 self.elapsed += dt
                 t_run += dt
                 imgs += t.batch_size * t.grad_accum
@@ -521,7 +523,7 @@ class Trainer:
         last = latest_checkpoint(self.run_dir)
         if last is None or last.name != f"ckpt-{self.step:07d}":
             self.save()
-        return TrainResult(self.run_dir, self.step, status, losses, imgs / max(t_run, 1e-9), self.elapsed)
+        return TrainResult(self.run_dir, self.step, status, losses, imgs / max(t_run, 1e-9), self.elapsed, first_step_s)
 
 
 def train(config: RunConfig, run_dir: str | Path, *, resume: bool = False, progress: bool = True,
