@@ -1,7 +1,7 @@
 """Equal-budget training benchmark on `shapes` (32x32, class-conditional shape x colour).
 
-sumie (preset ``shapes-32``: EDM preconditioning, log-normal sigma, Heun/Karras sampling)
-against a peer trained in the same run on the same data order, batch size and wall-clock
+sumie (preset ``shapes-32``: EDM preconditioning, log-normal sigma; trained with
+``train.compile`` unless ``--no-compile``, sampled with DPM++ 2M on Karras sigmas) against a peer trained in the same run on the same data order, batch size and wall-clock
 budget: diffusers' ``UNet2DModel`` with a plain DDPM recipe (epsilon loss, 1000-step
 linear schedule, ``DDPMScheduler`` ancestral sampling). Both keep an EMA of the weights and
 train with the same 10% condition dropout, so both can sample with classifier-free guidance

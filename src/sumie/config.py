@@ -134,7 +134,7 @@ def _shapes_model(**kw) -> UNetConfig:
 
 def _preset_shapes32() -> RunConfig:
     """Class-conditional (shape x colour) pixel model at 32x32, sized for minutes on 2 CPU cores:
-    a 1.3M-parameter U-Net behind a 2x2 patch stem, with AdaGN conditioning (scale and shift of
+    a 1.4M-parameter U-Net behind a 2x2 patch stem, with AdaGN conditioning (scale and shift of
     the normalised features, Dhariwal & Nichol 2021) and transposed-convolution upsampling,
     constant LR after warmup (the EMA does the averaging), condition dropout for classifier-free
     guidance at sampling time. Measured in the README (``benchmarks/train_shapes.py``)."""
