@@ -1,11 +1,12 @@
 """Equal-budget training benchmark on `shapes` (32x32, class-conditional shape x colour).
 
 sumie (preset ``shapes-32``: EDM preconditioning, log-normal sigma; trained with
-``train.compile`` unless ``--no-compile``, sampled with DPM++ 2M on Karras sigmas) against a peer trained in the same run on the same data order, batch size and wall-clock
-budget: diffusers' ``UNet2DModel`` with a plain DDPM recipe (epsilon loss, 1000-step
-linear schedule, ``DDPMScheduler`` ancestral sampling). Both keep an EMA of the weights and
-train with the same 10% condition dropout, so both can sample with classifier-free guidance
-at the preset's scale (one batched call per step for conditional + unconditional).
+``train.compile`` unless ``--no-compile``, sampled with DPM++ 2M on Karras sigmas) against a
+peer trained in the same run on the same data order, batch size and wall-clock budget:
+diffusers' ``UNet2DModel`` with a plain DDPM recipe (epsilon loss, 1000-step linear schedule,
+``DDPMScheduler`` ancestral sampling). Both keep an EMA of the weights and train with the
+same 10% condition dropout, so both can sample with classifier-free guidance at the preset's
+scale (one batched call per step for conditional + unconditional).
 
 Reported for each: training images/s, sampling images/s, and the fraction of 256 samples
 that the shapes verifier accepts (requested shape and colour present), guided and
