@@ -8,7 +8,7 @@ import torch
 
 from sumie.config import merge, preset
 from sumie.io.checkpoint import latest_checkpoint, load_tensors
-from sumie.models import TEXT_FILES, check_conditioning, load_model, load_text_encoder
+from sumie.models import TEXT_FILES, build_text_encoder, check_conditioning, load_model, load_text_encoder
 from sumie.pipeline import sample
 from sumie.text.small import TextConfig, SmallTextEncoder, WordTokenizer, split_words, text_cond
 from sumie.train.loop import Trainer, train
@@ -69,6 +69,37 @@ def test_conditioning_mismatches_are_clear_errors():
         check_conditioning(merge(cfg, {"text": {"width": 64}}))
     with pytest.raises(ValueError, match="valid: class, caption, none"):
         check_conditioning(merge(cfg, {"data": {"conditioning": "prompt"}}))
+
+
+def test_pooled_prompt_vector_feeds_the_unet_and_mismatches_are_clear_errors(tmp_path):
+    from sumie.models import build_denoiser
+
+    cfg = merge(preset("tiny-text"), {"text": {"pooled": True}, "model": {"adm_in_channels": 32}})
+    check_conditioning(cfg)
+    with pytest.raises(ValueError, match="model.adm_in_channels = 32 \\(got None\\)"):
+        check_conditioning(merge(preset("tiny-text"), {"text": {"pooled": True}}))
+    with pytest.raises(ValueError, match="data.conditioning = 'caption'"):
+        check_conditioning(merge(cfg, {"data": {"conditioning": "none"}}))
+    tok = WordTokenizer.build([SCENE], model_max_length=cfg.text.max_length)
+    enc = build_text_encoder(cfg, tok)
+    assert enc.feeds_pooled and not _encoder().feeds_pooled
+    with torch.no_grad():
+        cond = text_cond(enc, ["a red circle", "a white square"])
+    torch.testing.assert_close(cond["y"], enc.encode(["a red circle", "a white square"]).pooled)
+    assert set(text_cond(_encoder(), ["a red circle"])) == {"context", "context_mask"}
+    torch.manual_seed(0)
+    den = build_denoiser(cfg)
+    for p in den.parameters():  # zero-initialised output layers would hide any dependence
+        torch.nn.init.normal_(p, std=0.2)
+    x, sigma = torch.randn(1, 3, 16, 16), torch.tensor([1.0])
+    with torch.no_grad():
+        a = den(x, sigma, {**{k: v[:1] for k, v in cond.items()}})
+        b = den(x, sigma, {**{k: v[:1] for k, v in cond.items()}, "y": cond["y"][1:]})  # same tokens, other pooled
+    assert (a - b).abs().max() > 1e-3
+    run = train(merge(cfg, {"train": {"max_steps": 4, "ckpt_every": 4}}), tmp_path / "run", progress=False)
+    assert len(run.losses) == 4 and load_text_encoder(tmp_path / "run").feeds_pooled
+    with pytest.raises(ValueError, match="set model.adm_in_channels=32"):
+        build_text_encoder(merge(cfg, {"model": {"adm_in_channels": 16}}), tok)
 
 
 def test_caption_model_trains_resumes_identically_and_samples(text_config, tmp_path):

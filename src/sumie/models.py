@@ -64,6 +64,14 @@ def check_conditioning(config: RunConfig) -> None:
         elif m.context_dim != t.width:
             raise ValueError(f"model.context_dim ({m.context_dim}) must equal text.width ({t.width}) so the "
                              "U-Net can cross-attend to the text encoder's tokens")
+    if t.pooled:
+        if kind != "caption":
+            raise ValueError("text.pooled feeds the prompt's pooled vector to the U-Net: it needs "
+                             "data.conditioning = 'caption'")
+        if m.adm_in_channels is None or (t.kind == "small" and m.adm_in_channels != t.width):
+            want = t.width if t.kind == "small" else "the encoder's pooled width"
+            raise ValueError(f"text.pooled needs model.adm_in_channels = {want} (got {m.adm_in_channels}), "
+                             "the width of the vector the U-Net adds to its timestep embedding")
 
 
 def caption_corpus(dataset, limit: int = 20000) -> list[str]:
@@ -90,10 +98,18 @@ def build_text_encoder(config: RunConfig, tokenizer: WordTokenizer | None = None
     if config.text.kind == "none":
         return None
     if config.text.kind == "hf":
-        return BertTextEncoder.from_folder(path or config.text.path, max_length=config.text.max_length)
-    if tokenizer is None:
+        encoder = BertTextEncoder.from_folder(path or config.text.path, max_length=config.text.max_length)
+    elif tokenizer is None:
         raise ValueError("a small text encoder is built over a tokenizer (WordTokenizer.build on the captions)")
-    return SmallTextEncoder(config.text, tokenizer)
+    else:
+        encoder = SmallTextEncoder(config.text, tokenizer)
+    if config.text.pooled:
+        adm = config.model.adm_in_channels
+        if adm != encoder.pooled_width:
+            raise ValueError(f"text.pooled: model.adm_in_channels is {adm} but the text encoder's pooled vector "
+                             f"has width {encoder.pooled_width}; set model.adm_in_channels={encoder.pooled_width}")
+        encoder.feeds_pooled = True
+    return encoder
 
 
 def load_text_encoder(path: str | Path, *, ema: bool = True, device: str | torch.device = "cpu"

@@ -36,6 +36,10 @@ class TextConfig:
     max_length: int = 32
     mlp_ratio: int = 4
     path: str | None = None  # kind = "hf": a local folder in Hugging Face format
+    # also hand the pooled prompt vector to the U-Net as its vector condition ``y`` (added to the timestep
+    # embedding, so AdaGN sees the whole prompt at every place), as Imagen (Saharia et al. 2022, sec. 2.1 / app.
+    # F) and SDXL (Podell et al. 2023, sec. 2.1) do; needs model.adm_in_channels = the pooled width
+    pooled: bool = False
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -93,9 +97,13 @@ class TextEncoderOutput:
         return TextEncoderOutput(self.hidden.to(device, dtype), self.pooled.to(device, dtype),
                                  self.attention_mask.to(device))
 
-    def as_cond(self) -> dict[str, torch.Tensor]:
-        """The U-Net's conditioning dict entries: ``context`` and ``context_mask``."""
-        return {"context": self.hidden, "context_mask": self.attention_mask}
+    def as_cond(self, pooled: bool = False) -> dict[str, torch.Tensor]:
+        """The U-Net's conditioning dict entries: ``context`` and ``context_mask``, and with
+        ``pooled`` the pooled vector as ``y`` (the U-Net's vector condition)."""
+        cond = {"context": self.hidden, "context_mask": self.attention_mask}
+        if pooled:
+            cond["y"] = self.pooled
+        return cond
 
 
 class Tokenizer(ABC):
@@ -126,6 +134,7 @@ class TextEncoder(ABC):
 
     width: int
     pooled_width: int
+    feeds_pooled: bool = False  # text.pooled: the condition carries the pooled vector as ``y`` too
 
     @abstractmethod
     def encode(self, prompts: list[str]) -> TextEncoderOutput:

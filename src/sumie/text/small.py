@@ -194,5 +194,6 @@ class SmallTextEncoder(nn.Module, TextEncoder):
 
 
 def text_cond(encoder: TextEncoder, prompts: list[str]) -> dict[str, torch.Tensor]:
-    """The U-Net's cross-attention condition for ``prompts`` (the empty prompt is unconditional)."""
-    return encoder.encode(list(prompts)).as_cond()
+    """The U-Net's condition for ``prompts`` (the empty prompt is unconditional): cross-attention
+    tokens, and the pooled vector when the encoder feeds it (``text.pooled``)."""
+    return encoder.encode(list(prompts)).as_cond(pooled=encoder.feeds_pooled)
