@@ -6,10 +6,12 @@
 #      AdaGN conditioning (model.resblock_scale_shift), transposed-conv upsampling (model.upsample) and
 #      a constant LR: together these took class-conditional shapes-32 from 64-72% to 92-96% accepted in
 #      10 CPU minutes, the failures having been soft, wrong geometry (README, "Training vs diffusers")
-#   B: A with a place code in its cross-attention (model.pos_embed) and noise levels shifted up
+#   B: A with a place code in its cross-attention (model.pos_embed), noise levels shifted up
 #      (diffusion.p_mean=-0.4, p_std=1.4), where the layout is decided: A ignores position words
-#      (benchmarks/prompt_sensitivity.py). (The shipped run's B, 2 res-blocks a level, attention
-#      at 16x16 and a 4-layer text encoder, scored lower than A.)
+#      (benchmarks/prompt_sensitivity.py), and the prompt's pooled vector added to the timestep
+#      embedding (text.pooled), so AdaGN sees the whole prompt as shapes-32's AdaGN sees its class.
+#      (The shipped run's B, 2 res-blocks a level, attention at 16x16 and a 4-layer text encoder,
+#      scored lower than A.)
 #
 # Both: latent diffusion in the shipped kl-f4 autoencoder's space, half emoji / half captioned shapes
 # scenes, batch 256, bf16 autocast, EDM loss, data read by worker processes. Each run is exported to
@@ -33,7 +35,8 @@ common=(--preset emoji-64 --set "data.path=$DATA" --set latent.vae=src/sumie/ass
 python -m sumie train "${common[@]}" --out "$OUT/run-A" > "$OUT/train-A.log" 2>&1 &
 pid_a=$!
 python -m sumie train "${common[@]}" --set model.pos_embed=true --set diffusion.p_mean=-0.4 \
-    --set diffusion.p_std=1.4 --out "$OUT/run-B" > "$OUT/train-B.log" 2>&1 &
+    --set diffusion.p_std=1.4 --set text.pooled=true --set model.adm_in_channels=128 \
+    --out "$OUT/run-B" > "$OUT/train-B.log" 2>&1 &
 pid_b=$!
 status=0
 wait -n "$pid_a" "$pid_b" || status=$?
