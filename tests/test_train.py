@@ -224,6 +224,16 @@ def test_init_from_starts_at_the_models_ema_weights_and_checks_the_architecture(
     pos = {k: v for k, v in tr.denoiser.net.state_dict().items() if ".pos_proj." in k}
     assert pos and all(not v.any() for v in pos.values())
     assert all(torch.equal(v, ema[k].float()) for k, v in tr.denoiser.net.state_dict().items() if k not in pos)
+    cfg.text.pooled, cfg.model.adm_in_channels = True, cfg.text.width  # the pooled prompt vector too
+    tr = Trainer(cfg, tmp_path / "p", progress=False)
+    net = tr.denoiser.net
+    assert not net.label_emb[0][-1].weight.any() and net.label_emb[0][0].weight.any()
+    with torch.no_grad():  # the fine-tune starts as the same function: the new embedding adds 0
+        y = torch.randn(2, cfg.text.width)
+        torch.testing.assert_close(net.label_emb(y), torch.zeros(2, net.time_embed[-1].out_features))
+    assert all(torch.equal(v, ema[k].float()) for k, v in net.state_dict().items() if k in ema)
+    assert tr.run().step == 3 and net.label_emb[0][-1].weight.any()  # and it learns to use it
+    cfg.text.pooled, cfg.model.adm_in_channels = False, None
     cfg.diffusion.sigma_data = 0.7  # changes the denoiser: refused
     with pytest.raises(CheckpointError, match=r"\[diffusion\] config .* differs"):
         Trainer(cfg, tmp_path / "d", progress=False)

@@ -266,18 +266,29 @@ class Trainer:
         """Start from another model's EMA weights (U-Net and trained text encoder; a fresh optimizer
         at step 0): the architecture, diffusion and text settings must be the same, except that this
         run may add ``model.pos_embed``, whose zero-initialised projections keep their start values
-        (the fine-tune begins as the same function and learns to use positions), and may train on
-        another noise-level distribution or loss weighting (they shape the objective, not the model)."""
+        (the fine-tune begins as the same function and learns to use positions), may add
+        ``text.pooled`` (with ``model.adm_in_channels``), whose new embedding ends in a zeroed layer
+        for the same reason, and may train on another noise-level distribution or loss weighting
+        (they shape the objective, not the model)."""
         ckpt = resolve_checkpoint(path)
         other = from_dict(read_json(ckpt / "config.json"))
-        add_pos = self.config.model.pos_embed and not other.model.pos_embed
+        m = self.config.model
+        add_pos = m.pos_embed and not other.model.pos_embed
         if add_pos:
             other.model = dataclasses.replace(other.model, pos_embed=True)
+        add_pooled = self.config.text.pooled and not other.text.pooled and other.model.adm_in_channels is None
+        if add_pooled:
+            other.model = dataclasses.replace(other.model, adm_in_channels=m.adm_in_channels)
+            other.text = dataclasses.replace(other.text, pooled=True)
+            last = self.denoiser.net.label_emb[0][-1]  # the new pooled-vector embedding adds 0 at the start
+            torch.nn.init.zeros_(last.weight)
+            torch.nn.init.zeros_(last.bias)
         d = self.config.diffusion
         other.diffusion = dataclasses.replace(other.diffusion,
                                               **{f: getattr(d, f) for f in d.OBJECTIVE_FIELDS})
-        may_differ = {"model": "model.pos_embed may be switched on",
-                      "diffusion": f"only {', '.join(d.OBJECTIVE_FIELDS)} may differ", "text": "nothing may differ"}
+        may_differ = {"model": "model.pos_embed, and model.adm_in_channels with text.pooled, may be switched on",
+                      "diffusion": f"only {', '.join(d.OBJECTIVE_FIELDS)} may differ",
+                      "text": "only text.pooled may be switched on"}
         for section, allowed in may_differ.items():
             if getattr(other, section) != getattr(self.config, section):
                 raise CheckpointError(f"train.init_from: the [{section}] config of {ckpt} differs from this run's; "
@@ -288,8 +299,9 @@ class Trainer:
             pairs.append((self.text, self.text_ema, TEXT_FILES["ema"]))
         for module, ema, name in pairs:
             weights = load_tensors(ckpt / name)
-            if add_pos and module is self.denoiser.net:
-                weights.update({k: v for k, v in module.state_dict().items() if ".pos_proj." in k})
+            if module is self.denoiser.net:
+                new = (".pos_proj.",) * add_pos + ("label_emb.",) * add_pooled
+                weights.update({k: v for k, v in module.state_dict().items() if any(n in k for n in new)})
             load_state_strict(module, weights, str(ckpt))
             load_state_strict(ema.shadow, weights, str(ckpt))
             ema.num_updates = 10**6  # the average starts at these weights with the full decay, no warm-up
