@@ -68,7 +68,7 @@ def check_conditioning(config: RunConfig) -> None:
         if kind != "caption":
             raise ValueError("text.pooled feeds the prompt's pooled vector to the U-Net: it needs "
                              "data.conditioning = 'caption'")
-        if m.adm_in_channels is None or (t.kind == "small" and m.adm_in_channels != t.width):
+        if m.adm_in_channels is None:  # its width is checked against the encoder's in build_text_encoder
             want = t.width if t.kind == "small" else "the encoder's pooled width"
             raise ValueError(f"text.pooled needs model.adm_in_channels = {want} (got {m.adm_in_channels}), "
                              "the width of the vector the U-Net adds to its timestep embedding")

@@ -135,8 +135,10 @@ class UNet(nn.Module):
             # index num_classes is the "no class" token used for classifier-free guidance
             self.label_emb = nn.Embedding(c.num_classes + 1, emb_dim)
         elif c.adm_in_channels is not None:
+            # the last layer starts at zero (ADM's habit for added branches): a fresh vector condition adds
+            # nothing, so train.init_from can switch text.pooled on and start from the same function
             self.label_emb = nn.Sequential(nn.Sequential(nn.Linear(c.adm_in_channels, emb_dim), nn.SiLU(),
-                                                         nn.Linear(emb_dim, emb_dim)))
+                                                         zero_module(nn.Linear(emb_dim, emb_dim))))
 
         def transformer(channels: int, depth: int) -> SpatialTransformer:
             if c.num_head_channels > 0:
@@ -207,8 +209,8 @@ class UNet(nn.Module):
         elif c.adm_in_channels is not None:
             y = cond.get("y")
             if y is None:
-                raise ValueError("this U-Net needs the vector conditioning cond['y'] "
-                                 f"of width {c.adm_in_channels} (SDXL micro-conditioning)")
+                raise ValueError(f"this U-Net needs the vector conditioning cond['y'] of width {c.adm_in_channels} "
+                                 "(SDXL's pooled text + micro-conditioning, or the pooled prompt with text.pooled)")
             emb = emb + self.label_emb(y.to(emb.dtype))
         context, mask = cond.get("context"), cond.get("context_mask")
         if c.context_dim is not None and context is None:

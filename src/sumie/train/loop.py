@@ -267,8 +267,8 @@ class Trainer:
         at step 0): the architecture, diffusion and text settings must be the same, except that this
         run may add ``model.pos_embed``, whose zero-initialised projections keep their start values
         (the fine-tune begins as the same function and learns to use positions), may add
-        ``text.pooled`` (with ``model.adm_in_channels``), whose new embedding ends in a zeroed layer
-        for the same reason, and may train on another noise-level distribution or loss weighting
+        ``text.pooled`` (with ``model.adm_in_channels``), whose new embedding ends in a zero-initialised
+        layer for the same reason, and may train on another noise-level distribution or loss weighting
         (they shape the objective, not the model)."""
         ckpt = resolve_checkpoint(path)
         other = from_dict(read_json(ckpt / "config.json"))
@@ -280,9 +280,6 @@ class Trainer:
         if add_pooled:
             other.model = dataclasses.replace(other.model, adm_in_channels=m.adm_in_channels)
             other.text = dataclasses.replace(other.text, pooled=True)
-            last = self.denoiser.net.label_emb[0][-1]  # the new pooled-vector embedding adds 0 at the start
-            torch.nn.init.zeros_(last.weight)
-            torch.nn.init.zeros_(last.bias)
         d = self.config.diffusion
         other.diffusion = dataclasses.replace(other.diffusion,
                                               **{f: getattr(d, f) for f in d.OBJECTIVE_FIELDS})
