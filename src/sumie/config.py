@@ -79,6 +79,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     num_threads: int | None = None
     num_workers: int = 0  # data-loading worker processes (0: load in the training process); order unchanged
+    cache_epochs: int = 0  # > 0: encode the first K epochs once and replay them from device memory (train/cache.py)
     compile: bool = False  # torch.compile the U-Net for training (inductor): ~1.5 min of compiling on 2 CPU
     # cores when its cache is cold, then ~1.2x more images/s on CPU; falls back to eager with a warning if it fails.
     init_from: str | None = None  # start from this model's EMA weights (run, ckpt-* or exported folder): fine-tuning

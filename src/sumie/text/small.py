@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
@@ -159,6 +160,11 @@ class SmallTextEncoder(nn.Module, TextEncoder):
         separately and concatenated along the sequence, as A1111 does for CLIP: hidden (B, L*k, D)
         with its mask; shorter prompts of the batch get masked empty windows; pooled is the first
         window's."""
+        return self.encode_tokens(self.tokenize(prompts))
+
+    def tokenize(self, prompts: list[str]) -> "WindowedTokens":
+        """Prompts -> the windows :meth:`encode` runs (ids, masks and word weights; see there).
+        Kept apart so a training cache can tokenize its captions once (:mod:`sumie.train.cache`)."""
         from .prompt import parse_prompt_weights
 
         per = self.config.max_length - 2
@@ -185,12 +191,36 @@ class SmallTextEncoder(nn.Module, TextEncoder):
                 input_ids[j, b, :len(row)] = torch.tensor(row)
                 mask[j, b, :len(row)] = 1
                 weights[j, b, 1:1 + len(cw)] = torch.tensor(cw, dtype=torch.float32)
+        return WindowedTokens(input_ids, mask, weights, visible)
+
+    def encode_tokens(self, tokens: "WindowedTokens") -> TextEncoderOutput:
+        """Encode :meth:`tokenize`'s windows (on any device) and join them as :meth:`encode` describes."""
         device = self.position_embedding.device
-        outs = [self(input_ids[j].to(device), mask[j].to(device)) for j in range(k)]
+        tokens = tokens.to(device)
+        outs = [self(tokens.input_ids[j], tokens.mask[j]) for j in range(tokens.input_ids.shape[0])]
         hidden = torch.cat([o.hidden for o in outs], dim=1)
-        w = torch.cat(list(weights), dim=1).to(device=device, dtype=hidden.dtype)
-        keep = torch.cat([o.attention_mask * visible[j].to(device) for j, o in enumerate(outs)], dim=1)
+        w = torch.cat(list(tokens.weights), dim=1).to(dtype=hidden.dtype)
+        keep = torch.cat([o.attention_mask * tokens.visible[j] for j, o in enumerate(outs)], dim=1)
         return TextEncoderOutput(hidden * w[..., None], outs[0].pooled, keep)
+
+
+@dataclass
+class WindowedTokens:
+    """Tokenized prompts as windows: ids and mask (k, B, L), word weights (k, B, L) and whether each
+    window is real (k, B, 1); row b of every tensor is prompt b, so a batch is a gather on dim 1."""
+
+    input_ids: torch.Tensor
+    mask: torch.Tensor
+    weights: torch.Tensor
+    visible: torch.Tensor
+
+    def to(self, device) -> "WindowedTokens":
+        return WindowedTokens(*(t.to(device, non_blocking=True) for t in
+                                (self.input_ids, self.mask, self.weights, self.visible)))
+
+    def rows(self, index: torch.Tensor) -> "WindowedTokens":
+        """The prompts at ``index`` (B,) in that order."""
+        return WindowedTokens(*(t[:, index] for t in (self.input_ids, self.mask, self.weights, self.visible)))
 
 
 def text_cond(encoder: TextEncoder, prompts: list[str]) -> dict[str, torch.Tensor]:

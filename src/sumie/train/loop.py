@@ -247,6 +247,12 @@ class Trainer:
         self.positions = RunPositions(self.dataset, self.order)
         if t.num_workers < 0:
             raise ValueError(f"train.num_workers must be >= 0, got {t.num_workers}")
+        if t.cache_epochs < 0:
+            raise ValueError(f"train.cache_epochs must be >= 0, got {t.cache_epochs}")
+        if t.cache_epochs and (config.text.kind == "hf" or config.latent.sample_posterior):
+            raise ValueError("train.cache_epochs caches latents and tokenized captions of a trained text encoder; "
+                             "it does not support text.kind = 'hf' or latent.sample_posterior: set it to 0")
+        self.cache = None  # built at the first step (train/cache.py)
         self._batches, self._next_batch = None, None
         self.step = 0
         self.elapsed = 0.0
@@ -384,6 +390,36 @@ class Trainer:
         start = (step * t.grad_accum + micro) * t.batch_size
         return default_collate([self.positions[start + j] for j in range(t.batch_size)])
 
+    def cached_batch(self, step: int, micro: int) -> tuple[torch.Tensor, dict | None]:
+        """``(x0, cond)`` of micro-batch ``micro`` from the device cache (train.cache_epochs), with the
+        condition dropout :func:`batch_to_cond` applies, drawn from the same generator."""
+        t, kind = self.config.train, self.config.data.conditioning
+        if self.cache is None:
+            from .cache import EncodedCache
+
+            tokenize = None
+            if kind == "caption":
+                tokenize = lambda caps: self.text.tokenize(list(caps) + [""])  # noqa: E731 - last row: empty prompt
+            size = min(t.cache_epochs * len(self.dataset), t.max_steps * t.grad_accum * t.batch_size)
+            self.cache = EncodedCache(self.positions, size, device=self.device,
+                                      item_shape=self.space.latent_shape(self.config.data.resolution),
+                                      encode=lambda x: self.space.encode(x, generator=self.noise_gen),
+                                      tokenize=tokenize, num_workers=t.num_workers,
+                                      log=print if self.progress else (lambda *_: None))
+        batch = self.cache.batch((step * t.grad_accum + micro) * t.batch_size, t.batch_size)
+        if kind == "none":
+            return batch["x0"], None
+        p = t.cond_drop_prob
+        n = t.batch_size
+        drop = torch.rand(n, generator=self.cond_gen) < p if p > 0 else torch.zeros(n, dtype=torch.bool)
+        drop = drop.to(self.device, non_blocking=True)
+        if kind == "caption":
+            rows = torch.where(drop, torch.full_like(batch["slots"], self.cache.size), batch["slots"])
+            return batch["x0"], self.text.encode_tokens(self.cache.tokens.rows(rows)).as_cond(
+                pooled=self.text.feeds_pooled)
+        return batch["x0"], class_cond(torch.where(drop, torch.full_like(batch["label"], -1), batch["label"]),
+                                       self.device)
+
     def _start_workers(self, step: int) -> None:
         from torch.utils.data import DataLoader
 
@@ -393,8 +429,8 @@ class Trainer:
             prefetch_factor=4)
         self._batches, self._next_batch = iter(loader), (step, 0)
 
-    def train_step(self) -> float:
-        """One optimizer step (all micro-batches); returns the loss. With train.compile the first step
+    def train_step(self) -> torch.Tensor:
+        """One optimizer step (all micro-batches); returns the loss (a 0-d device tensor). With train.compile the first step
         compiles the U-Net; if that fails (no C++ compiler, an unsupported op) the step is redone
         eagerly, from the same random state, and training goes on without compilation."""
         if not self._compile_pending:
@@ -415,7 +451,9 @@ class Trainer:
                           "training without it", RuntimeWarning, stacklevel=2)
             return self._train_step()
 
-    def _train_step(self) -> float:
+    def _train_step(self) -> torch.Tensor:
+        """One optimizer step; returns its loss as a 0-d tensor on the training device, read by
+        :meth:`run` only where it logs or checkpoints (:meth:`_check_losses`)."""
         t = self.config.train
         for g in self.opt.param_groups:
             g["lr"] = self.lr_at(self.step)
@@ -424,19 +462,17 @@ class Trainer:
             self.text.train()
         total = 0.0
         for micro in range(t.grad_accum):
-            batch = self.get_batch(self.step, micro)
-            x0 = self.space.encode(batch["x"].to(self.device), generator=self.noise_gen)
-            cond = batch_to_cond(self.config, batch, self.device, self.cond_gen, self.text)
+            if t.cache_epochs:
+                x0, cond = self.cached_batch(self.step, micro)
+            else:
+                batch = self.get_batch(self.step, micro)
+                x0 = self.space.encode(batch["x"].to(self.device), generator=self.noise_gen)
+                cond = batch_to_cond(self.config, batch, self.device, self.cond_gen, self.text)
             ctx = (torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else nullcontext())
             with ctx:
                 loss = self.loss_fn(self.denoiser, x0, cond, generator=self.noise_gen).mean() / t.grad_accum
-            if not torch.isfinite(loss):
-                raise TrainingDiverged(
-                    f"loss became {float(loss.detach())} at step {self.step}; training stopped. The last good "
-                    f"checkpoint in {self.run_dir} is intact. Lower train.lr, raise train.warmup_steps, "
-                    "or use precision = 'fp32'.")
             (self.scaler.scale(loss) if self.scaler else loss).backward()
-            total += float(loss.detach())
+            total = total + loss.detach().float()  # stays on the device: no synchronisation per micro-batch
         if self.scaler:
             self.scaler.unscale_(self.opt)
         if t.grad_clip > 0:
@@ -495,37 +531,59 @@ class Trainer:
         status = "finished"
         imgs = 0
         t_run = first_step_s = 0.0
+        pending: list[torch.Tensor] = []  # losses of steps not yet read back from the device
+        first = self.step
+
+        def check() -> None:
+            """Read the pending losses (one synchronisation) and stop at the first non-finite one,
+            before anything is logged or saved from the weights it produced."""
+            if not pending:
+                return
+            values = torch.stack(pending).tolist()
+            pending.clear()
+            for i, v in enumerate(values):
+                if not math.isfinite(v):
+                    raise TrainingDiverged(
+                        f"loss became {v} at step {first + len(losses) + i}; training stopped. The last good "
+                        f"checkpoint in {self.run_dir} is intact. Lower train.lr, raise train.warmup_steps, "
+                        "or use precision = 'fp32'.")
+            losses.extend(values)
+
         with _stop_on_signals(stop), open(log_path, "a") as log:
             while self.step < max_steps:
                 if t.time_budget_s is not None and self.elapsed >= t.time_budget_s:
                     status = "budget"
                     break
                 t0 = time.perf_counter()
-                loss = self.train_step()
+                pending.append(self.train_step())
                 dt = time.perf_counter() - t0
                 first_step_s = first_step_s or dt
                 self.elapsed += dt
                 t_run += dt
                 imgs += t.batch_size * t.grad_accum
-                losses.append(loss)
                 ips = imgs / max(t_run, 1e-9)
+                logging = self.step % t.log_every == 0 or self.step == max_steps
+                saving = bool(t.ckpt_every and self.step % t.ckpt_every == 0)
+                if logging or saving or bar is not None and self.step % 10 == 0:
+                    check()
                 if bar is not None:
                     bar.update(1)
-                    post = {"loss": f"{loss:.4f}", "img_s": f"{ips:.1f}"}
+                    post = {"loss": f"{losses[-1]:.4f}", "img_s": f"{ips:.1f}"} if losses else {}
                     if t.time_budget_s:  # the bar's own ETA assumes max_steps; the budget may end sooner
                         post["budget_left"] = f"{max(0.0, t.time_budget_s - self.elapsed):.0f}s"
-                    bar.set_postfix(post)
-                if self.step % t.log_every == 0 or self.step == max_steps:
-                    log.write(json.dumps({"step": self.step, "loss": loss, "lr": self.lr_at(self.step - 1),
+                    bar.set_postfix(post, refresh=False)
+                if logging:
+                    log.write(json.dumps({"step": self.step, "loss": losses[-1], "lr": self.lr_at(self.step - 1),
                                           "images_per_s": ips, "elapsed_s": self.elapsed}) + "\n")
                     log.flush()
-                if t.ckpt_every and self.step % t.ckpt_every == 0:
+                if saving:
                     self.save()
                 if t.sample_every and self.step % t.sample_every == 0:
                     self.sample_grid()
                 if stop.is_set():
                     status = "interrupted"
                     break
+            check()
         if bar is not None:
             bar.close()
         self._batches = None  # ends the worker processes, if any
