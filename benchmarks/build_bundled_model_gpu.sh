@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Train candidates for sumie's bundled model (src/sumie/assets/emoji-64) on one CUDA GPU, two at once.
 # Usage: bash benchmarks/build_bundled_model_gpu.sh OUT_DIR [SECONDS_OF_TRAINING] [WORKERS_PER_RUN]
+# SUMIE_DEADLINE=S sends each run SIGTERM after S seconds of wall time (it checkpoints and stops at the
+# next step; the cache build and compilation count against it, not against SECONDS_OF_TRAINING).
 #
 # Both runs cache their data on the GPU (train.cache_epochs: the first K epochs' emoji and shapes
 # scenes are encoded to latents and their captions tokenized once; each step is a gather from GPU
@@ -34,11 +36,12 @@ common=(--set "data.path=$DATA" --set latent.vae=src/sumie/assets/emoji-64 --set
         --set "train.num_workers=$WORKERS" --set train.ckpt_every=2000 --set train.sample_every=0
         --set train.log_every=100 --set "train.compile=${SUMIE_COMPILE:-true}" --set train.num_threads=4
         --set "train.device=${SUMIE_DEVICE:-cuda}" --set train.max_steps=10000000 --time-budget "$SECS" --no-progress)
-python -m sumie train --config src/sumie/assets/emoji-64/config.json "${common[@]}" \
+deadline=(timeout -s TERM -k 30 "${SUMIE_DEADLINE:-100000}")
+"${deadline[@]}" python -m sumie train --config src/sumie/assets/emoji-64/config.json "${common[@]}" \
     --set train.init_from=src/sumie/assets/emoji-64 --set data.seed=3 --set train.lr=1e-3 \
     --set train.warmup_steps=200 --out "$OUT/run-A" > "$OUT/train-A.log" 2>&1 &
 pid_a=$!
-python -m sumie train --preset emoji-64 "${common[@]}" --set model.model_channels=80 \
+"${deadline[@]}" python -m sumie train --preset emoji-64 "${common[@]}" --set model.model_channels=80 \
     --set model.resblock_scale_shift=true --set model.upsample=transposed --set model.pos_embed=true \
     --set text.pooled=true --set model.adm_in_channels=128 --set diffusion.p_mean=-0.4 --set diffusion.p_std=1.4 \
     --set train.lr=2e-3 --set train.warmup_steps=500 --out "$OUT/run-B" > "$OUT/train-B.log" 2>&1 &

@@ -405,7 +405,7 @@ class Trainer:
                                       item_shape=self.space.latent_shape(self.config.data.resolution),
                                       encode=lambda x: self.space.encode(x, generator=self.noise_gen),
                                       tokenize=tokenize, num_workers=t.num_workers,
-                                      log=print if self.progress else (lambda *_: None))
+                                      log=lambda m: print(m, flush=True))
         batch = self.cache.batch((step * t.grad_accum + micro) * t.batch_size, t.batch_size)
         if kind == "none":
             return batch["x0"], None
