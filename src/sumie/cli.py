@@ -22,10 +22,8 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the run's sample.steps)")
-    p.add_argument("--sampler", default=None,
-                   help="euler, euler_ancestral, heun, dpm_2, dpm_2_ancestral, lms, ddim, ddpm, plms, ipndm, deis, "
-                        "dpmpp_2s_ancestral, dpmpp_sde, dpmpp_2m, dpmpp_2m_sde, dpmpp_3m, dpmpp_3m_sde, uni_pc, "
-                        "uni_pc_bh2, restart, lcm; or an A1111 name such as 'DPM++ 2M Karras'")
+    from .samplers.registry import sampler_help
+    p.add_argument("--sampler", default=None, help=sampler_help())
     p.add_argument("--schedule", default=None, help="karras, exponential, polyexponential, simple, sgm_uniform, "
                                                     "beta, ays_gmm, or for discrete models leading/linspace/trailing")
     p.add_argument("--eta", type=float, default=None, help="noise of the samplers that take it (ddim, the "
