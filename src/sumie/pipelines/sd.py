@@ -53,11 +53,12 @@ from ..diffusion.schedules import DiscreteSchedule, append_zero, discrete_sigmas
 from ..image import to_uint8
 from ..io.checkpoint import CheckpointError, on_meta
 from ..io.sd import SDCheckpoint, load_sd
+from ..io.sd.scheduler import config_sigmas, resolve_scheduler
 from ..io.sd.lora import LoraDelta, apply_deltas, read_lora, resolve_all
 from ..io.sd.tensors import drop_pages, materialize
 from ..nn.unet import UNet
 from ..pipeline import resolve_sampling, sigmas_for
-from ..samplers import SAMPLERS, generators_for, randn
+from ..samplers import SAMPLER_OPTIONS, SAMPLERS, generators_for, randn, sampler_defaults
 from ..text.clip_tokenizer import ClipTokenizer
 from ..text.conditioner import SDTextConditioner, family_towers
 
@@ -87,6 +88,14 @@ def scheduler_sigmas(schedule: DiscreteSchedule, steps: int, spacing: str = "lea
         raise ValueError(f"steps must be in 1..{T}, got {steps}")
     ts = (torch.arange(steps) * (T // steps) + offset).clamp(max=T - 1).flip(0)
     return append_zero(schedule.sigmas[ts])
+
+
+def _keep_last(store: list, callback: Callable | None) -> Callable:
+    """A step callback that also keeps the last :class:`~sumie.samplers.StepInfo` in ``store``."""
+    def keep(info):
+        store[:] = [info]
+        return callback(info) if callback is not None else None
+    return keep
 
 
 def free_memory() -> None:
@@ -163,6 +172,10 @@ class StableDiffusion:
         self.family = checkpoint.family.name
         self.tokenizer, self.text_folder = tokenizer, text_folder
         self.scheduler = {**SD_SCHEDULER, **(scheduler or {})}
+        # the folder's own scheduler_config.json as written (None: a single file, A1111/ComfyUI defaults)
+        self.scheduler_file = scheduler
+        # SDXL's model_index.json: an empty negative prompt is all zeros (hidden and pooled), not "" encoded
+        self.zeros_for_empty_negative = False
         self.schedule = scheduler_schedule(self.scheduler)
         self.device, self.dtype = torch.device(device), dtype
         self.vae_tile = vae_tile  # latent tile size for tiled VAE decoding (None: whole image)
@@ -216,11 +229,10 @@ class StableDiffusion:
         a fraction streams only the first blocks holding that share of the weights)."""
         path = Path(path)
         sd = load_sd(path, allow_pickle=allow_pickle, prediction=prediction, vae=vae, text_encoders=text_encoders)
-        scheduler, text_folder = {}, None
+        scheduler, text_folder = None, None
         if path.is_dir() and (path / "model_index.json").is_file():
             cfg = path / "scheduler" / "scheduler_config.json"
-            if cfg.is_file():
-                scheduler = json.loads(cfg.read_text())
+            scheduler = json.loads(cfg.read_text()) if cfg.is_file() else {}
             if all((path / s.diffusers).is_dir() for s in family_towers(sd.family.name)) and not text_encoders:
                 text_folder = path  # else the towers are built from sd.text_encoders, overrides included
         if isinstance(tokenizer, (str, Path)):
@@ -229,8 +241,12 @@ class StableDiffusion:
             tok = path / "tokenizer" if path.is_dir() else None
             tokenizer = ClipTokenizer.from_folder(tok) if tok is not None and tok.is_dir() else \
                 ClipTokenizer.from_openai_bpe()
-        return cls(sd, tokenizer=tokenizer, scheduler=scheduler, text_folder=text_folder, device=device, dtype=dtype,
+        pipe = cls(sd, tokenizer=tokenizer, scheduler=scheduler, text_folder=text_folder, device=device, dtype=dtype,
                    vae_tile=vae_tile, keep_loaded=keep_loaded, stream_weights=stream_weights)
+        if path.is_dir() and (path / "model_index.json").is_file():
+            index = json.loads((path / "model_index.json").read_text())
+            pipe.zeros_for_empty_negative = bool(index.get("force_zeros_for_empty_prompt", False))
+        return pipe
 
     # ------------------------------------------------------------ stages
 
@@ -238,7 +254,7 @@ class StableDiffusion:
         """The CLIP conditioner, with LoRAs applied."""
         kw = dict(dtype=self.dtype, device=self.device)
         if self.text_folder is not None:
-            cond = SDTextConditioner.from_diffusers(self.family, self.text_folder, **kw)
+            cond = SDTextConditioner.from_diffusers(self.family, self.text_folder, tokenizer=self.tokenizer, **kw)
             if self.tokenizer is not None:
                 for e, spec in zip(cond.encoders, family_towers(self.family)):
                     e.tokenizer = self.tokenizer.with_padding(spec.pad_with_eos)
@@ -258,6 +274,9 @@ class StableDiffusion:
                 sd.update({f"{i}.{k}": t for k, t in materialize(w).items()})
             cond = SDTextConditioner.from_state_dict(self.family, sd, self.tokenizer,
                                                      prefixes=tuple(f"{i}." for i in range(len(specs))), **kw)
+            for e, s in zip(cond.encoders, specs):  # a tower stored already cut: read its last block
+                if self.checkpoint.text_encoders[s.diffusers].cut:
+                    e.tower.config.full_depth = e.tower.config.num_hidden_layers + 1
         self._apply(self._text_models(cond))
         return cond
 
@@ -307,12 +326,18 @@ class StableDiffusion:
 
     # ------------------------------------------------------------ sampling
 
-    def sigmas(self, steps: int, schedule: str | None = None, denoiser: DiscreteDenoiser | None = None) -> torch.Tensor:
-        """The sampling noise levels: the scheduler config's spacing by default, else a sumie schedule."""
-        if schedule is None:
-            return scheduler_sigmas(self.schedule, steps, self.scheduler["timestep_spacing"],
-                                    int(self.scheduler["steps_offset"]))
-        return sigmas_for(denoiser, schedule, steps)
+    def sigmas(self, steps: int, schedule: str | None = None, denoiser: DiscreteDenoiser | None = None,
+               sampler: str = "euler") -> tuple[torch.Tensor, float]:
+        """(sampling noise levels, final noise level): by default the timesteps diffusers' scheduler
+        class for ``sampler`` takes from the folder's config (single files: A1111/ComfyUI's,
+        :mod:`sumie.io.sd.scheduler`); leading/linspace/trailing override only its spacing; any
+        other name is a sumie schedule."""
+        if schedule is None or schedule in ("leading", "linspace", "trailing"):
+            cfg = resolve_scheduler(self.scheduler_file, sampler)
+            if schedule is not None:
+                cfg.update(timestep_spacing=schedule, kind="ddim" if cfg["kind"] == "normal" else cfg["kind"])
+            return config_sigmas(self.schedule, steps, cfg)
+        return sigmas_for(denoiser, schedule, steps), 0.0
 
     def initial_noise(self, n: int, height: int, width: int, sigma_max: float, seed: int) -> torch.Tensor:
         """x_T = z * sqrt(1 + sigma_max^2), z ~ N(0, I) per sample from seeds seed .. seed+n-1; (n, C, h, w)."""
@@ -325,9 +350,11 @@ class StableDiffusion:
     def __call__(self, prompt: str | list[str], negative_prompt: str | list[str] = "", *, n: int = 1, steps: int = 20,
                  guidance_scale: float = 7.5, sampler: str = "euler", schedule: str | None = None, seed: int = 0,
                  height: int | None = None, width: int | None = None, callback: Callable | None = None,
-                 eta: float | None = None) -> torch.Tensor:
+                 eta: float | None = None, order: int | None = None) -> torch.Tensor:
         """Images (n, H, W, 3) uint8; image i is seeded with seed + i. A list of prompts gives one
-        image per prompt (n is then ignored)."""
+        image per prompt (n is then ignored). ``order``: the solver order of the samplers that take
+        one (lms, deis, uni_pc, uni_pc_bh2); a diffusers scheduler name brings its own default
+        (``UniPCMultistepScheduler``: 2)."""
         prompts = [prompt] * n if isinstance(prompt, str) else list(prompt)
         negs = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
         n = len(prompts)
@@ -341,6 +368,10 @@ class StableDiffusion:
 
         text = self._stage("text", self.build_text)  # stage 1: text
         c, u = text.encode_pair(prompts, negs)
+        if self.zeros_for_empty_negative:  # diffusers' force_zeros_for_empty_prompt (SDXL)
+            empty = torch.tensor([not neg for neg in negs], device=u.hidden.device)
+            u.hidden[empty] = 0
+            u.pooled[empty] = 0
         size = dict(original_size=(height, width), target_size=(height, width))
         cond, uncond = text.unet_cond(c, **size), text.unet_cond(u, **size)
         del text, c, u
@@ -348,18 +379,30 @@ class StableDiffusion:
 
         unet = self._stage("unet", self.build_unet)  # stage 2: denoising
         denoiser = DiscreteDenoiser(unet, self.schedule, self.checkpoint.prediction)
+        kw = sampler_defaults(sampler)
         sampler, schedule = resolve_sampling(sampler, schedule, default_schedule=None)
-        sigmas = self.sigmas(steps, schedule, denoiser).to(torch.float32)
+        sigmas, final_sigma = self.sigmas(steps, schedule, denoiser, sampler)
+        sigmas = sigmas.to(torch.float32)
         x = self.initial_noise(n, height, width, float(sigmas[0]), seed).to(self.device, self.dtype)
         model = CFGDenoiser(denoiser, uncond, guidance_scale) if guidance_scale != 1.0 else denoiser
-        kw = {"eta": eta} if eta is not None else {}
+        kw.update({k: v for k, v in (("eta", eta), ("order", order)) if v is not None})
+        unknown = [k for k in kw if k not in SAMPLER_OPTIONS[sampler]]
+        if unknown:
+            raise ValueError(f"sampler {sampler} takes no {', '.join(unknown)} (its options: "
+                             f"{', '.join(SAMPLER_OPTIONS[sampler]) or 'none'})")
         hooks = stream_blocks(unet, self.stream_weights) if self.stream_weights else []
+        last: list = []
         try:
-            latent = SAMPLERS[sampler](model, x, sigmas.to(self.device), cond=cond, callback=callback,
+            latent = SAMPLERS[sampler](model, x, sigmas.to(self.device), cond=cond,
+                                       callback=_keep_last(last, callback) if final_sigma else callback,
                                        generator=generators_for(seed, n), **kw)
         finally:
             for h in hooks:
                 h.remove()
+        if final_sigma:  # DDIM with set_alpha_to_one=False: the last step lands on timestep 0, not sigma 0
+            step = last[-1]
+            latent = (step.denoised + (step.x - step.denoised) * (final_sigma / step.sigma)) \
+                / (1 + final_sigma**2) ** 0.5
         del model, denoiser, unet, cond, uncond
         self._stage_done()
 
