@@ -207,3 +207,20 @@ def test_round_trip_through_every_format_gives_the_same_picture(family_pipe, tmp
         d = max_diff(other(PROMPT, NEGATIVE, **args).numpy(), base)
         print(f"{kind} {src.name} -> {to}: max diff {d}/255")
         assert d <= 1, (kind, str(src), to, d)
+
+
+def test_cli_generate_says_which_prediction_and_takes_prediction_and_order(tmp_path, capsys):
+    from sumie.cli import main
+    from sumie.io.sd import convert
+
+    _, folder = build(tmp_path, "sd2")
+    single = tmp_path / "sd2.safetensors"
+    convert(folder, single, "single-file")
+    argv = ["generate", "a cat", "--model", str(single), "--tokenizer", str(folder / "tokenizer"), "--steps", "3",
+            "--width", "32", "--height", "32", "--out", str(tmp_path / "a.png")]
+    assert main(argv) == 0
+    assert "prediction v: from the file's header (sumie.prediction)" in capsys.readouterr().out
+    assert main(argv + ["--prediction", "eps", "--sampler", "uni_pc_bh2", "--order", "3"]) == 0
+    assert "prediction eps: given explicitly" in capsys.readouterr().out
+    assert main(argv + ["--sampler", "euler", "--order", "3"]) == 2
+    assert "sampler euler takes no order" in capsys.readouterr().err

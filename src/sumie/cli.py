@@ -53,6 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Stable Diffusion models: replace a text encoder (slot text_encoder by default; SDXL's "
                         "OpenCLIP-bigG is text_encoder_2=FILE); repeatable")
     p.add_argument("--tokenizer", default=None, help="Stable Diffusion single files: a CLIP tokenizer/ folder")
+    p.add_argument("--prediction", choices=["eps", "v"], default=None,
+                   help="Stable Diffusion models: the prediction target, if the file does not say (SD 2.x 768 are v)")
+    p.add_argument("--order", type=int, default=None,
+                   help="solver order of lms, deis, uni_pc, uni_pc_bh2 (diffusers' UniPC/DEIS default: 2)")
     p.add_argument("--width", type=int, default=None, help="Stable Diffusion models: image width")
     p.add_argument("--height", type=int, default=None, help="Stable Diffusion models: image height")
     p.add_argument("--allow-pickle", action="store_true", help="admit .ckpt files (restricted unpickler)")
@@ -420,8 +424,9 @@ def _generate_sd(args):
     import time
 
     pipe = StableDiffusion.from_pretrained(args.model, vae=args.vae, tokenizer=args.tokenizer,
-                                           allow_pickle=args.allow_pickle,
+                                           allow_pickle=args.allow_pickle, prediction=args.prediction,
                                            text_encoders=_parse_text_encoders(args.text_encoder))
+    print(f"{pipe.checkpoint.family.title}: {pipe.checkpoint.notes[1]}")  # which prediction, and why
     for spec in args.lora:
         path, strength = _parse_lora(spec)
         pipe.load_lora(path, strength)
@@ -429,7 +434,7 @@ def _generate_sd(args):
                     sampler=args.sampler or "euler", schedule=args.schedule)
     t0 = time.perf_counter()
     images = pipe(args.prompt, args.negative_prompt, n=args.n, seed=args.seed, height=args.height, width=args.width,
-                  eta=args.eta, **settings)
+                  eta=args.eta, order=args.order, **settings)
     return Generation(images.numpy(), settings, time.perf_counter() - t0), f"{images.shape[2]}x{images.shape[1]}"
 
 
@@ -452,8 +457,9 @@ def cmd_generate(args) -> int:
     if is_sd_model(args.model):
         g, size = _generate_sd(args)
     else:
-        if args.lora or args.vae or args.text_encoder or args.width or args.height:
-            raise ValueError("--lora, --vae, --text-encoder, --width and --height are for Stable Diffusion "
+        if args.lora or args.vae or args.text_encoder or args.width or args.height or args.prediction or args.order:
+            raise ValueError("--lora, --vae, --text-encoder, --width, --height, --prediction and --order are for "
+                             "Stable Diffusion "
                              "checkpoints (--model FILE.safetensors or a diffusers folder)")
         model = TextToImage.load(args.model)
         size = f"{model.resolution}x{model.resolution}"
