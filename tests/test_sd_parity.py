@@ -224,3 +224,36 @@ def test_cli_generate_says_which_prediction_and_takes_prediction_and_order(tmp_p
     assert "prediction eps: given explicitly" in capsys.readouterr().out
     assert main(argv + ["--sampler", "euler", "--order", "3"]) == 2
     assert "sampler euler takes no order" in capsys.readouterr().err
+
+
+def test_tokenizer_folder_with_only_tokenizer_json_and_a_missing_tokenizer_is_one_line(tmp_path, capsys,
+                                                                                       monkeypatch):
+    """transformers 5 saves a CLIP tokenizer as tokenizer.json alone (item 7); sumie reads its BPE
+    vocab and merges and tokenizes as transformers does. A single file with no tokenizer to be
+    found ends in a one-line error."""
+    from sumie.cli import main
+    from sumie.io.sd import convert
+    from sumie.text.clip_tokenizer import ClipTokenizer
+
+    write_tokenizer(tmp_path / "src", EOS)
+    ref = tokenizer(tmp_path / "src", EOS)
+    ref.save_pretrained(tmp_path / "tok")
+    for name in ("vocab.json", "merges.txt"):
+        (tmp_path / "tok" / name).unlink(missing_ok=True)
+    assert (tmp_path / "tok" / "tokenizer.json").is_file()
+    ours = ClipTokenizer.from_folder(tmp_path / "tok")
+    for text in ("a cat and a dog", "dogcat, and!", ""):
+        want = ref(text, padding="max_length", max_length=77).input_ids
+        assert ours([text]).input_ids[0].tolist() == want, text
+
+    _, folder = build(tmp_path, "sd1")
+    single = tmp_path / "sd1.safetensors"
+    convert(folder, single, "single-file")
+    monkeypatch.setenv("SUMIE_CLIP_BPE", str(tmp_path / "missing.txt.gz"))
+    argv = ["generate", "a cat", "--model", str(single), "--steps", "2", "--width", "32", "--height", "32",
+            "--out", str(tmp_path / "a.png")]
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("sumie: error:") and "\n" not in err and "--tokenizer DIR" in err
+    assert main(argv + ["--tokenizer", str(tmp_path / "tok")]) == 0
