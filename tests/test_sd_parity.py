@@ -257,3 +257,52 @@ def test_tokenizer_folder_with_only_tokenizer_json_and_a_missing_tokenizer_is_on
     err = capsys.readouterr().err.strip()
     assert err.startswith("sumie: error:") and "\n" not in err and "--tokenizer DIR" in err
     assert main(argv + ["--tokenizer", str(tmp_path / "tok")]) == 0
+
+
+def test_peft_lora_in_diffusers_layout_matches_diffusers(tmp_path):
+    """A LoRA as diffusers' save_lora_weights writes it (PEFT lora_A/lora_B keys, rank 4, lora_alpha 8
+    and an alpha_pattern kept only in the header's ``lora_adapter_metadata`` JSON; text-encoder keys with
+    and without ``text_model.``, as transformers 4 and 5 name the modules) changes sumie's picture
+    as the same deltas merged into diffusers' modules change diffusers' (item 8). (Built by hand:
+    the installed peft is older than diffusers' PEFT backend needs.)"""
+    from sumie.io.checkpoint import save_tensors
+
+    pipe, folder = build(tmp_path, "sd1")
+    ours = StableDiffusion.from_pretrained(folder)
+    z = ours.initial_noise(1, 32, 32, 0.0, seed=4)
+    ref_plain = run_diffusers(pipe, "sd1", "EulerDiscreteScheduler", {}, z, 4, 8, 32)
+    g = torch.Generator().manual_seed(7)
+    r, alpha = 4, 8
+    targets = {"unet": [n for n, m in pipe.unet.named_modules() if n.endswith(("attn2.to_k", "attn1.to_q"))],
+               "text_encoder": [n for n, m in pipe.text_encoder.named_modules() if n.endswith(("q_proj", "v_proj"))]}
+    tensors = {}
+    with torch.no_grad():
+        for comp, names in targets.items():
+            model = getattr(pipe, comp)
+            for name in names:
+                layer = model.get_submodule(name)
+                a = torch.randn(r, layer.in_features, generator=g) * 0.1
+                b = torch.randn(layer.out_features, r, generator=g) * 0.1
+                tensors[f"{comp}.{name}.lora_A.weight"], tensors[f"{comp}.{name}.lora_B.weight"] = a, b
+                scale = (16 if name.endswith("attn2.to_k") else alpha) / r  # alpha_pattern below
+                layer.weight += scale * b @ a
+    meta = {"unet.r": r, "unet.lora_alpha": alpha, "unet.alpha_pattern": {"attn2.to_k": 16},
+            "unet.target_modules": ["to_k", "to_q"], "text_encoder.r": r, "text_encoder.lora_alpha": alpha}
+    save_tensors(tmp_path / "lora.safetensors", tensors, {"lora_adapter_metadata": json.dumps(meta)})
+    # transformers 4 spelled the text modules text_model.encoder...; transformers 5 (installed here) spells
+    # them encoder...: write the older spelling first, the newer one below
+    tensors = {k.replace("text_encoder.encoder.", "text_encoder.text_model.encoder."): v for k, v in tensors.items()}
+    save_tensors(tmp_path / "lora.safetensors", tensors, {"lora_adapter_metadata": json.dumps(meta)})
+    assert any(k.startswith("text_encoder.text_model.") for k in tensors)
+    ref = run_diffusers(pipe, "sd1", "EulerDiscreteScheduler", {}, z, 4, 8, 32)
+    assert max_diff(ref, ref_plain) > 3  # the LoRA shows
+    assert ours.load_lora(tmp_path / "lora.safetensors") == len(tensors) // 2
+    got = sumie_image(ours, "euler", {}, 4, 8, 32)
+    print("LoRA effect", max_diff(ref_plain, ref), "sumie vs diffusers", max_diff(got, ref))
+    assert max_diff(got, ref) <= 1
+    # transformers 5 names the text modules without text_model.: the same LoRA
+    t5 = {k.replace("text_encoder.text_model.", "text_encoder."): v for k, v in tensors.items()}
+    save_tensors(tmp_path / "t5.safetensors", t5, {"lora_adapter_metadata": json.dumps(meta)})
+    ours.clear_loras()
+    ours.load_lora(tmp_path / "t5.safetensors")
+    assert max_diff(sumie_image(ours, "euler", {}, 4, 8, 32), got) == 0
