@@ -146,14 +146,13 @@ def family_pipe(request, tmp_path_factory):
 KNOWN: dict[tuple[str, str], int] = {
     # diffusers rounds the timestep the U-Net sees after Karras spacing (use_karras_sigmas); sumie feeds t(sigma)
     **{(k, "dpmpp_2m_karras"): 3 for k in ("sd1", "sd2", "sdxl")},
-    # PNDM's class default set_alpha_to_one=False: its last step lands on timestep 0 (sigma 0.029), sumie's on 0
-    ("sd2", "plms"): 16, ("sdxl", "plms"): 36,
-    # DEIS ends at sigma(t=0) (its set_timesteps appends sigma_last), sumie's DEIS at 0
-    ("sd2", "deis"): 11,
     # SDXL's config (written for Euler) lacks clip_sample, so diffusers' DDIM/DDPM take their class default
     # clip_sample=True and clip x0 to [-1, 1]; sumie does not clip
     ("sdxl", "ddim"): 255, ("sdxl", "ddpm"): 255,
     ("sdxl", "dpmpp_3m"): 2,
+    # SD 2.1's (DDIM) and SDXL's (Euler) configs lack skip_prk_steps, so diffusers' PNDMScheduler takes its
+    # class default False and starts with Runge-Kutta (PRK) warm-up steps; sumie's plms is PLMS (skip_prk_steps)
+    ("sd2", "plms"): 14, ("sdxl", "plms"): 35,
 }
 
 

@@ -59,6 +59,7 @@ from ..io.sd.tensors import drop_pages, materialize
 from ..nn.unet import UNet
 from ..pipeline import resolve_sampling, sigmas_for
 from ..samplers import SAMPLER_OPTIONS, SAMPLERS, generators_for, randn, sampler_defaults
+from ..samplers.base import ReachedSigma, StopAtSigma
 from ..text.clip_tokenizer import ClipTokenizer
 from ..text.conditioner import SDTextConditioner, family_towers
 
@@ -88,14 +89,6 @@ def scheduler_sigmas(schedule: DiscreteSchedule, steps: int, spacing: str = "lea
         raise ValueError(f"steps must be in 1..{T}, got {steps}")
     ts = (torch.arange(steps) * (T // steps) + offset).clamp(max=T - 1).flip(0)
     return append_zero(schedule.sigmas[ts])
-
-
-def _keep_last(store: list, callback: Callable | None) -> Callable:
-    """A step callback that also keeps the last :class:`~sumie.samplers.StepInfo` in ``store``."""
-    def keep(info):
-        store[:] = [info]
-        return callback(info) if callback is not None else None
-    return keep
 
 
 def free_memory() -> None:
@@ -391,18 +384,16 @@ class StableDiffusion:
             raise ValueError(f"sampler {sampler} takes no {', '.join(unknown)} (its options: "
                              f"{', '.join(SAMPLER_OPTIONS[sampler]) or 'none'})")
         hooks = stream_blocks(unet, self.stream_weights) if self.stream_weights else []
-        last: list = []
+        if final_sigma:  # the scheduler's last step lands on timestep 0's noise level, not 0 (io.sd.scheduler)
+            model = StopAtSigma(model, final_sigma)
         try:
-            latent = SAMPLERS[sampler](model, x, sigmas.to(self.device), cond=cond,
-                                       callback=_keep_last(last, callback) if final_sigma else callback,
+            latent = SAMPLERS[sampler](model, x, sigmas.to(self.device), cond=cond, callback=callback,
                                        generator=generators_for(seed, n), **kw)
+        except ReachedSigma as stop:
+            latent = stop.x / (1 + final_sigma**2) ** 0.5  # VE x at sigma_final -> the VP latent diffusers decodes
         finally:
             for h in hooks:
                 h.remove()
-        if final_sigma:  # DDIM with set_alpha_to_one=False: the last step lands on timestep 0, not sigma 0
-            step = last[-1]
-            latent = (step.denoised + (step.x - step.denoised) * (final_sigma / step.sigma)) \
-                / (1 + final_sigma**2) ** 0.5
         del model, denoiser, unet, cond, uncond
         self._stage_done()
 

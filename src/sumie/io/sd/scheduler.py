@@ -93,10 +93,22 @@ def timesteps(num_train: int, steps: int, spacing: str, offset: int = 0, kind: s
     raise ValueError(f"unknown timestep spacing {spacing!r}; valid: leading, linspace, trailing")
 
 
+def final_sigma(schedule: DiscreteSchedule, config: dict) -> float:
+    """Where diffusers' last step lands: 0, or the noise level of timestep 0 (sigma ~ 0.029 for SD)
+    for DDIM and PNDM with ``set_alpha_to_one=False`` (PNDM's class default) and for DEIS, whose
+    ``set_timesteps`` always ends at sigma(t=0)."""
+    cls = config.get("class")
+    if cls == "DEISMultistepScheduler" or (cls in ("DDIMScheduler", "PNDMScheduler")
+                                           and not config.get("set_alpha_to_one", True)):
+        return float(schedule.sigmas[0])
+    return 0.0
+
+
 def config_sigmas(schedule: DiscreteSchedule, steps: int, config: dict) -> tuple[torch.Tensor, float]:
     """(sigmas ending in 0, final noise level) for ``steps`` steps under a resolved scheduler config
-    (:func:`resolve_scheduler`). The final level is where diffusers' last step lands: 0, or for
-    DDIM with ``set_alpha_to_one=False`` the noise level of timestep 0 (sigma ~ 0.029 for SD)."""
+    (:func:`resolve_scheduler`). With a final level above 0 (:func:`final_sigma`) the sigmas are
+    the ``steps`` levels, the final level and 0: sampling stops on reaching the final level
+    (:class:`sumie.samplers.base.StopAtSigma`), so ``steps`` steps are taken, as in diffusers."""
     T = schedule.num_steps
     sig = schedule.sigmas.double()
     if config["kind"] == "normal":  # k-diffusion get_sigmas: t linear from T-1 to 0, log-sigma interpolation
@@ -105,7 +117,7 @@ def config_sigmas(schedule: DiscreteSchedule, steps: int, config: dict) -> tuple
         ts = timesteps(T, steps, config["timestep_spacing"], int(config["steps_offset"]), config["kind"])
         ts = np.clip(ts, 0, T - 1)
         sigmas = append_zero(torch.from_numpy(np.interp(ts, np.arange(T), sig.numpy())))
-    final = 0.0
-    if config.get("class") == "DDIMScheduler" and not config.get("set_alpha_to_one", True):
-        final = float(sig[0])
+    final = final_sigma(schedule, config)
+    if final:
+        sigmas = torch.cat([sigmas[:-1], sigmas.new_tensor([final, 0.0])])
     return sigmas, final
