@@ -305,3 +305,15 @@ def test_peft_lora_in_diffusers_layout_matches_diffusers(tmp_path):
     ours.clear_loras()
     ours.load_lora(tmp_path / "t5.safetensors")
     assert max_diff(sumie_image(ours, "euler", {}, 4, 8, 32), got) == 0
+
+
+def test_diffusers_timestep_rounding_is_an_option(family_pipe):
+    """diffusers' DPM-Solver++ with use_karras_sigmas rounds the timestep the U-Net sees (item 9):
+    ``round_timesteps=True`` does the same and closes the gap to <= 1/255."""
+    kind, pipe, folder, ours = family_pipe
+    z = ours.initial_noise(1, 32, 32, 0.0, seed=5)
+    ref = run_diffusers(pipe, kind, "DPMSolverMultistepScheduler", {"use_karras_sigmas": True}, z, 5, 20, 32)
+    got = ours(PROMPT, NEGATIVE, n=1, steps=20, sampler="dpmpp_2m", schedule="karras", seed=5, height=32, width=32,
+               round_timesteps=True).numpy()
+    print(f"{kind} dpmpp_2m karras, rounded timesteps: {max_diff(got, ref)}/255")
+    assert max_diff(got, ref) <= 1

@@ -343,11 +343,13 @@ class StableDiffusion:
     def __call__(self, prompt: str | list[str], negative_prompt: str | list[str] = "", *, n: int = 1, steps: int = 20,
                  guidance_scale: float = 7.5, sampler: str = "euler", schedule: str | None = None, seed: int = 0,
                  height: int | None = None, width: int | None = None, callback: Callable | None = None,
-                 eta: float | None = None, order: int | None = None) -> torch.Tensor:
+                 eta: float | None = None, order: int | None = None, round_timesteps: bool = False
+                 ) -> torch.Tensor:
         """Images (n, H, W, 3) uint8; image i is seeded with seed + i. A list of prompts gives one
         image per prompt (n is then ignored). ``order``: the solver order of the samplers that take
         one (lms, deis, uni_pc, uni_pc_bh2); a diffusers scheduler name brings its own default
-        (``UniPCMultistepScheduler``: 2)."""
+        (``UniPCMultistepScheduler``: 2). ``round_timesteps``: feed the U-Net the nearest integer
+        timestep, as diffusers' DPM-Solver/UniPC/DEIS do with Karras sigmas (README, parity)."""
         prompts = [prompt] * n if isinstance(prompt, str) else list(prompt)
         negs = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
         n = len(prompts)
@@ -371,7 +373,7 @@ class StableDiffusion:
         self._stage_done()
 
         unet = self._stage("unet", self.build_unet)  # stage 2: denoising
-        denoiser = DiscreteDenoiser(unet, self.schedule, self.checkpoint.prediction)
+        denoiser = DiscreteDenoiser(unet, self.schedule, self.checkpoint.prediction, round_timesteps)
         kw = sampler_defaults(sampler)
         sampler, schedule = resolve_sampling(sampler, schedule, default_schedule=None)
         sigmas, final_sigma = self.sigmas(steps, schedule, denoiser, sampler)
