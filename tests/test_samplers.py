@@ -255,3 +255,31 @@ def test_registry_declares_each_sampler_once_and_the_cli_help_lists_them_all():
     help_text = next(a.help for a in sub._actions if a.dest == "sampler")
     assert help_text == sampler_help() and all(n in help_text for n in names)
     assert "dpmpp_2m_sde_heun" in help_text
+
+
+@pytest.mark.parametrize("name", ["ddim", "plms", "deis", "euler", "dpmpp_2m"])
+def test_stop_at_sigma_returns_the_sample_at_the_final_level_without_calling_there(name):
+    """StopAtSigma over [..., s_f, 0]: the sample at s_f, as if the schedule had ended there, with
+    no denoiser call at s_f (diffusers' DDIM/PNDM with set_alpha_to_one=False, DEIS)."""
+    from sumie.samplers.base import ReachedSigma, StopAtSigma
+
+    sig = karras_sigmas(6, 0.5, 10.0).double()
+    s_f = 0.2
+    calls = []
+
+    def den(x, sigma, cond=None):
+        calls.append(float(sigma[0]))
+        return gaussian_denoiser(x, sigma)
+
+    x = torch.randn(2, 1, 2, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) * 10
+    with pytest.raises(ReachedSigma) as stop:
+        get_sampler(name)(StopAtSigma(den, s_f), x, torch.cat([sig[:-1], sig.new_tensor([s_f, 0.0])]))
+    assert len(calls) == nfe_for_steps(name, 6) and s_f not in calls
+    # the same steps on an explicit schedule ending at s_f: Euler/DDIM take a plain step there
+    if name in ("ddim", "euler"):
+        y = x
+        levels = torch.cat([sig[:-1], sig.new_tensor([s_f])])
+        for i in range(6):
+            d = gaussian_denoiser(y, levels[i:i + 1].expand(2))
+            y = d + (y - d) * levels[i + 1] / levels[i]
+        assert torch.allclose(stop.value.x, y)

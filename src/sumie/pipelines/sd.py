@@ -13,10 +13,12 @@ LoRAs are checked against the model when loaded and merged into (or hooked onto)
 stage as it is built.
 
 The discrete schedule is the one the model was trained on: the betas of the diffusers
-``scheduler_config.json`` (SD's ``scaled_linear`` 0.00085..0.012 for single files), and the
-default sampling timesteps follow its ``timestep_spacing`` and ``steps_offset`` (SD 1.x/2.x:
-"leading" with offset 1: t = 951, 901, ..., 1 for 20 steps), so sumie's Euler and DDIM visit
-the same noise levels as diffusers' ``EulerDiscreteScheduler`` / ``DDIMScheduler``.
+``scheduler_config.json`` (SD's ``scaled_linear`` 0.00085..0.012 for single files). The default
+sampling timesteps are those diffusers' scheduler class for the chosen sampler takes from that
+file, with the class's own defaults for keys the file lacks (:mod:`sumie.io.sd.scheduler`: SD 1.5's
+config has no ``timestep_spacing``, so Euler spaces "linspace", DDIM "leading" + 1, DPM-Solver++
+n + 1 intervals); single files use A1111's and ComfyUI's default. Where diffusers' last step ends
+at timestep 0's noise level (DDIM/PNDM with ``set_alpha_to_one=False``, DEIS), so does sumie's.
 
 Intentional differences from diffusers' ``StableDiffusionPipeline``:
 
@@ -25,9 +27,7 @@ Intentional differences from diffusers' ``StableDiffusionPipeline``:
   the same for DDIM and for Euler with "leading" spacing, but starts Euler at z * sigma_0
   for "linspace"/"trailing" (its ``init_noise_sigma``); pass the same initial latents to
   compare (the tests do).
-* DDIM ends at sigma = 0 (x0). diffusers' SD scheduler config has ``set_alpha_to_one=False``,
-  which stops its last DDIM step at the noise level of timestep 0 (sigma ~ 0.029) and
-  decodes that slightly noisy latent; ``set_alpha_to_one=True`` matches sumie.
+* the remaining per-sampler differences are listed in the README ("Parity with diffusers").
 * the sampler's model input is c_in * x with c_noise = t(sigma) interpolated in log-sigma
   (k-diffusion's convention); on the scheduler's own timesteps this is t itself.
 * prompts are weighted and split into 75-token windows as in A1111 (``sumie.text.prompt``);
