@@ -5,7 +5,7 @@ import torch
 
 from sumie.diffusion.schedules import karras_sigmas
 from sumie.samplers import (SAMPLER_OPTIONS, SAMPLERS, STOCHASTIC, SamplingCancelled, generators_for, get_sampler,
-                            nfe_for_steps, randn, resolve_sampler_name, sample_ddim, sample_euler, sample_heun)
+                            nfe_for_steps, randn, resolve_sampler_name, sampler_defaults, sample_ddim, sample_euler, sample_heun)
 from sumie.samplers.names import A1111_SAMPLERS, DIFFUSERS_SCHEDULERS
 
 MU, S = 0.3, 0.5  # 1-D Gaussian data N(MU, S^2)
@@ -161,6 +161,7 @@ def test_nfe_and_callbacks_of_every_sampler(name):
     gens = generators_for(0, 2)
     get_sampler(name)(den, randn((2, 1, 2, 2), gens, dtype=torch.float64) * 10, sig, generator=gens,
                       callback=seen.append)
+    assert len(calls) == nfe_for_steps(name, 8, sig)
     if name != "restart":
         assert len(calls) == nfe_for_steps(name, 8)
         assert [s.i for s in seen] == list(range(8))
@@ -205,6 +206,9 @@ def test_a1111_comfyui_and_diffusers_names():
     assert resolve_sampler_name("UniPC") == ("uni_pc", None)
     assert resolve_sampler_name("uni_pc_bh2") == ("uni_pc_bh2", None)
     assert resolve_sampler_name("DPMSolverMultistepScheduler") == ("dpmpp_2m", None)
+    assert resolve_sampler_name("UniPCMultistepScheduler") == ("uni_pc_bh2", None)
+    assert sampler_defaults("UniPCMultistepScheduler") == {"order": 2} and sampler_defaults("uni_pc_bh2") == {}
+    assert sampler_defaults("DEISMultistepScheduler") == {"order": 2}
     for name in list(A1111_SAMPLERS) + list(DIFFUSERS_SCHEDULERS):
         assert resolve_sampler_name(name)[0] in SAMPLERS
     assert get_sampler("DPM++ 2M") is SAMPLERS["dpmpp_2m"]
@@ -223,3 +227,59 @@ def test_restart_jumps_back_up_and_solves_again():
     assert len(levels) > 12
     with pytest.raises(ValueError, match="restart"):
         get_sampler("restart")(gaussian_denoiser, torch.randn(1, 1, 2, 2), sig, restart_min=3, restart_max=1)
+
+
+@pytest.mark.parametrize("name", sorted(SAMPLERS))
+@pytest.mark.parametrize("steps", [1, 2, 5, 20])
+def test_nfe_for_steps_counts_the_denoiser_calls_on_sd_sigmas(name, steps):
+    """nfe_for_steps (with its default SD-range Karras sigmas for restart) is the number of calls."""
+    calls = []
+
+    def den(x, sigma, cond=None):
+        calls.append(1)
+        return gaussian_denoiser(x, sigma)
+
+    sig = karras_sigmas(steps, 0.0292, 14.6146).double()
+    get_sampler(name)(den, torch.randn(1, 1, 2, 2, dtype=torch.float64) * 14, sig, generator=generators_for(0, 1))
+    assert len(calls) == nfe_for_steps(name, steps)
+
+
+def test_registry_declares_each_sampler_once_and_the_cli_help_lists_them_all():
+    from sumie.cli import build_parser
+    from sumie.samplers import REGISTRY, sampler_help
+
+    names = [s.name for s in REGISTRY]
+    assert len(names) == len(set(names)) == len(SAMPLERS)
+    assert nfe_for_steps("restart", 20) > 2 * 20  # a restart segment on top of 20 Heun steps
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices["generate"]
+    help_text = next(a.help for a in sub._actions if a.dest == "sampler")
+    assert help_text == sampler_help() and all(n in help_text for n in names)
+    assert "dpmpp_2m_sde_heun" in help_text
+
+
+@pytest.mark.parametrize("name", ["ddim", "plms", "deis", "euler", "dpmpp_2m"])
+def test_stop_at_sigma_returns_the_sample_at_the_final_level_without_calling_there(name):
+    """StopAtSigma over [..., s_f, 0]: the sample at s_f, as if the schedule had ended there, with
+    no denoiser call at s_f (diffusers' DDIM/PNDM with set_alpha_to_one=False, DEIS)."""
+    from sumie.samplers.base import ReachedSigma, StopAtSigma
+
+    sig = karras_sigmas(6, 0.5, 10.0).double()
+    s_f = 0.2
+    calls = []
+
+    def den(x, sigma, cond=None):
+        calls.append(float(sigma[0]))
+        return gaussian_denoiser(x, sigma)
+
+    x = torch.randn(2, 1, 2, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) * 10
+    with pytest.raises(ReachedSigma) as stop:
+        get_sampler(name)(StopAtSigma(den, s_f), x, torch.cat([sig[:-1], sig.new_tensor([s_f, 0.0])]))
+    assert len(calls) == nfe_for_steps(name, 6) and s_f not in calls
+    # the same steps on an explicit schedule ending at s_f: Euler/DDIM take a plain step there
+    if name in ("ddim", "euler"):
+        y = x
+        levels = torch.cat([sig[:-1], sig.new_tensor([s_f])])
+        for i in range(6):
+            d = gaussian_denoiser(y, levels[i:i + 1].expand(2))
+            y = d + (y - d) * levels[i + 1] / levels[i]
+        assert torch.allclose(stop.value.x, y)

@@ -206,7 +206,8 @@ def test_v_prediction_detection_order(tmp_path):
     ref_unet, ref_vae = _reference("sd2", seed=2)
     sd = load_sd(_write_diffusers(tmp_path / "pipe", ref_unet, ref_vae))
     path = save_single_file(sd, tmp_path / "sd2.safetensors")
-    assert load_sd(path).prediction == "eps"  # tiny U-Net: no output_blocks.11, family default
+    got = load_sd(path)  # the converter wrote the folder's prediction into the header (issue 22 item 6)
+    assert got.prediction == "eps" and "sumie.prediction" in got.notes[1]
     assert load_sd(path, prediction="v").prediction == "v"
     path.with_suffix(".yaml").write_text('model:\n  params:\n    parameterization: "v"\n')
     v = load_sd(path)

@@ -74,13 +74,15 @@ def build_diffusers(tmp_path, kind: str):
     return pipe, folder, sched
 
 
-def run_diffusers(pipe, sched: dict, scheduler: str, latents: torch.Tensor, steps: int = 20) -> np.ndarray:
+def run_diffusers(pipe, sched: dict, scheduler: str, latents: torch.Tensor, steps: int = 20,
+                  sigmas: list | None = None) -> np.ndarray:
     cls = {"euler": diffusers.EulerDiscreteScheduler, "ddim": diffusers.DDIMScheduler}[scheduler]
     # SD's DDIM config has clip_sample=False; set_alpha_to_one=True: sumie's DDIM ends at sigma 0
     extra = {"set_alpha_to_one": True, "clip_sample": False} if scheduler == "ddim" else {}
     pipe.scheduler = cls(**sched, **extra)
+    kw = {"num_inference_steps": steps} if sigmas is None else {"sigmas": sigmas}
     with torch.no_grad():
-        out = pipe(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=steps, guidance_scale=7.5, latents=latents,
+        out = pipe(PROMPT, negative_prompt=NEGATIVE, guidance_scale=7.5, latents=latents, **kw,
                    num_images_per_prompt=latents.shape[0],
                    height=SIZE, width=SIZE, output_type="np").images
     return (out * 255).round().astype(np.uint8)
@@ -114,16 +116,22 @@ def test_matches_diffusers_pipeline(tmp_path, kind):
         assert img.float().std() > 5  # not a flat image
     assert steps[:20] == list(range(20))
 
-    if kind == "sd1":  # the same weights as a single file written by sumie's converter
-        single = save_single_file(load_sd(folder), tmp_path / "sd1.safetensors")
-        ours1 = StableDiffusion.from_pretrained(single, tokenizer=folder / "tokenizer")
-        img = ours1(PROMPT, NEGATIVE, n=2, steps=20, sampler="euler", seed=3, height=SIZE, width=SIZE)
-        d = max_diff(img.numpy(), run_diffusers(pipe, sched, "euler", z))
-        print(f"sd1 single file euler: max diff {d}/255")
-        assert d <= 1
-        # seeds: image i of a batch is the image generated alone with seed + i
-        alone = ours1(PROMPT, NEGATIVE, n=1, steps=20, sampler="euler", seed=4, height=SIZE, width=SIZE)
-        assert max_diff(alone[0].numpy(), img[1].numpy()) <= 1
+    # the same weights as a single file written by sumie's converter (SD 2.x: its text tower must not be cut
+    # a second time on reading, issue 22 item 5; v-prediction is read back from the header, item 6). Single
+    # files use A1111/ComfyUI's default noise levels, handed to diffusers' Euler as sigmas= (the final 0 included:
+    # diffusers ends at the last sigma it is given)
+    single = save_single_file(load_sd(folder), tmp_path / f"{kind}.safetensors")
+    ours1 = StableDiffusion.from_pretrained(single, tokenizer=folder / "tokenizer")
+    assert ours1.checkpoint.prediction == ours.checkpoint.prediction
+    assert "sumie.prediction" in " ".join(ours1.checkpoint.notes)
+    img = ours1(PROMPT, NEGATIVE, n=2, steps=20, sampler="euler", seed=3, height=SIZE, width=SIZE)
+    sig, _ = ours1.sigmas(20)
+    d = max_diff(img.numpy(), run_diffusers(pipe, sched, "euler", z, sigmas=sig.tolist()))
+    print(f"{kind} single file euler: max diff {d}/255")
+    assert d <= 1
+    # seeds: image i of a batch is the image generated alone with seed + i
+    alone = ours1(PROMPT, NEGATIVE, n=1, steps=20, sampler="euler", seed=4, height=SIZE, width=SIZE)
+    assert max_diff(alone[0].numpy(), img[1].numpy()) <= 1
 
 
 def test_lora_through_the_pipeline_and_tiled_decode(tmp_path):

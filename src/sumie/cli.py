@@ -22,10 +22,8 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the run's sample.steps)")
-    p.add_argument("--sampler", default=None,
-                   help="euler, euler_ancestral, heun, dpm_2, dpm_2_ancestral, lms, ddim, ddpm, plms, ipndm, deis, "
-                        "dpmpp_2s_ancestral, dpmpp_sde, dpmpp_2m, dpmpp_2m_sde, dpmpp_3m, dpmpp_3m_sde, uni_pc, "
-                        "uni_pc_bh2, restart, lcm; or an A1111 name such as 'DPM++ 2M Karras'")
+    from .samplers.registry import sampler_help
+    p.add_argument("--sampler", default=None, help=sampler_help())
     p.add_argument("--schedule", default=None, help="karras, exponential, polyexponential, simple, sgm_uniform, "
                                                     "beta, ays_gmm, or for discrete models leading/linspace/trailing")
     p.add_argument("--eta", type=float, default=None, help="noise of the samplers that take it (ddim, the "
@@ -55,6 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Stable Diffusion models: replace a text encoder (slot text_encoder by default; SDXL's "
                         "OpenCLIP-bigG is text_encoder_2=FILE); repeatable")
     p.add_argument("--tokenizer", default=None, help="Stable Diffusion single files: a CLIP tokenizer/ folder")
+    p.add_argument("--prediction", choices=["eps", "v"], default=None,
+                   help="Stable Diffusion models: the prediction target, if the file does not say (SD 2.x 768 are v)")
+    p.add_argument("--order", type=int, default=None,
+                   help="solver order of lms, deis, uni_pc, uni_pc_bh2 (diffusers' UniPC/DEIS default: 2)")
     p.add_argument("--width", type=int, default=None, help="Stable Diffusion models: image width")
     p.add_argument("--height", type=int, default=None, help="Stable Diffusion models: image height")
     p.add_argument("--allow-pickle", action="store_true", help="admit .ckpt files (restricted unpickler)")
@@ -422,8 +424,9 @@ def _generate_sd(args):
     import time
 
     pipe = StableDiffusion.from_pretrained(args.model, vae=args.vae, tokenizer=args.tokenizer,
-                                           allow_pickle=args.allow_pickle,
+                                           allow_pickle=args.allow_pickle, prediction=args.prediction,
                                            text_encoders=_parse_text_encoders(args.text_encoder))
+    print(f"{pipe.checkpoint.family.title}: {pipe.checkpoint.notes[1]}")  # which prediction, and why
     for spec in args.lora:
         path, strength = _parse_lora(spec)
         pipe.load_lora(path, strength)
@@ -431,7 +434,7 @@ def _generate_sd(args):
                     sampler=args.sampler or "euler", schedule=args.schedule)
     t0 = time.perf_counter()
     images = pipe(args.prompt, args.negative_prompt, n=args.n, seed=args.seed, height=args.height, width=args.width,
-                  eta=args.eta, **settings)
+                  eta=args.eta, order=args.order, **settings)
     return Generation(images.numpy(), settings, time.perf_counter() - t0), f"{images.shape[2]}x{images.shape[1]}"
 
 
@@ -454,8 +457,9 @@ def cmd_generate(args) -> int:
     if is_sd_model(args.model):
         g, size = _generate_sd(args)
     else:
-        if args.lora or args.vae or args.text_encoder or args.width or args.height:
-            raise ValueError("--lora, --vae, --text-encoder, --width and --height are for Stable Diffusion "
+        if args.lora or args.vae or args.text_encoder or args.width or args.height or args.prediction or args.order:
+            raise ValueError("--lora, --vae, --text-encoder, --width, --height, --prediction and --order are for "
+                             "Stable Diffusion "
                              "checkpoints (--model FILE.safetensors or a diffusers folder)")
         model = TextToImage.load(args.model)
         size = f"{model.resolution}x{model.resolution}"

@@ -87,8 +87,12 @@ class DiscreteDenoiser(Denoiser):
         all: c_in = 1/sqrt(sigma^2+1), c_noise = t(sigma)
     """
 
-    def __init__(self, net: nn.Module, schedule: DiscreteSchedule, prediction: str = "eps"):
+    def __init__(self, net: nn.Module, schedule: DiscreteSchedule, prediction: str = "eps",
+                 round_timesteps: bool = False):
         super().__init__(net)
+        # c_noise rounded to the nearest training timestep, as diffusers' multistep schedulers do with
+        # Karras/exponential sigmas (they round the timestep the network sees, not sigma)
+        self.round_timesteps = round_timesteps
         if prediction not in ("eps", "v", "x0"):
             raise ValueError(f"unknown prediction {prediction!r}; valid: eps, v, x0")
         self.schedule = schedule
@@ -111,7 +115,8 @@ class DiscreteDenoiser(Denoiser):
             c_skip, c_out = 1 / (s2 + 1), -sigma.double() * c_in
         else:
             c_skip, c_out = torch.zeros_like(s2), torch.ones_like(s2)
-        c_noise = self.schedule.sigma_to_t(sigma.double()).float()
+        c_noise = self.schedule.sigma_to_t(sigma.double())
+        c_noise = (c_noise.round() if self.round_timesteps else c_noise).float()
         f = torch.float32
         return Scalings(c_skip.to(f), c_out.to(f), c_in.to(f), c_noise)
 

@@ -13,10 +13,12 @@ LoRAs are checked against the model when loaded and merged into (or hooked onto)
 stage as it is built.
 
 The discrete schedule is the one the model was trained on: the betas of the diffusers
-``scheduler_config.json`` (SD's ``scaled_linear`` 0.00085..0.012 for single files), and the
-default sampling timesteps follow its ``timestep_spacing`` and ``steps_offset`` (SD 1.x/2.x:
-"leading" with offset 1: t = 951, 901, ..., 1 for 20 steps), so sumie's Euler and DDIM visit
-the same noise levels as diffusers' ``EulerDiscreteScheduler`` / ``DDIMScheduler``.
+``scheduler_config.json`` (SD's ``scaled_linear`` 0.00085..0.012 for single files). The default
+sampling timesteps are those diffusers' scheduler class for the chosen sampler takes from that
+file, with the class's own defaults for keys the file lacks (:mod:`sumie.io.sd.scheduler`: SD 1.5's
+config has no ``timestep_spacing``, so Euler spaces "linspace", DDIM "leading" + 1, DPM-Solver++
+n + 1 intervals); single files use A1111's and ComfyUI's default. Where diffusers' last step ends
+at timestep 0's noise level (DDIM/PNDM with ``set_alpha_to_one=False``, DEIS), so does sumie's.
 
 Intentional differences from diffusers' ``StableDiffusionPipeline``:
 
@@ -25,9 +27,7 @@ Intentional differences from diffusers' ``StableDiffusionPipeline``:
   the same for DDIM and for Euler with "leading" spacing, but starts Euler at z * sigma_0
   for "linspace"/"trailing" (its ``init_noise_sigma``); pass the same initial latents to
   compare (the tests do).
-* DDIM ends at sigma = 0 (x0). diffusers' SD scheduler config has ``set_alpha_to_one=False``,
-  which stops its last DDIM step at the noise level of timestep 0 (sigma ~ 0.029) and
-  decodes that slightly noisy latent; ``set_alpha_to_one=True`` matches sumie.
+* the remaining per-sampler differences are listed in the README ("Parity with diffusers").
 * the sampler's model input is c_in * x with c_noise = t(sigma) interpolated in log-sigma
   (k-diffusion's convention); on the scheduler's own timesteps this is t itself.
 * prompts are weighted and split into 75-token windows as in A1111 (``sumie.text.prompt``);
@@ -53,11 +53,13 @@ from ..diffusion.schedules import DiscreteSchedule, append_zero, discrete_sigmas
 from ..image import to_uint8
 from ..io.checkpoint import CheckpointError, on_meta
 from ..io.sd import SDCheckpoint, load_sd
+from ..io.sd.scheduler import config_sigmas, resolve_scheduler
 from ..io.sd.lora import LoraDelta, apply_deltas, read_lora, resolve_all
 from ..io.sd.tensors import drop_pages, materialize
 from ..nn.unet import UNet
 from ..pipeline import resolve_sampling, sigmas_for
-from ..samplers import SAMPLERS, generators_for, randn
+from ..samplers import SAMPLER_OPTIONS, SAMPLERS, generators_for, randn, sampler_defaults
+from ..samplers.base import ReachedSigma, StopAtSigma
 from ..text.clip_tokenizer import ClipTokenizer
 from ..text.conditioner import SDTextConditioner, family_towers
 
@@ -163,6 +165,10 @@ class StableDiffusion:
         self.family = checkpoint.family.name
         self.tokenizer, self.text_folder = tokenizer, text_folder
         self.scheduler = {**SD_SCHEDULER, **(scheduler or {})}
+        # the folder's own scheduler_config.json as written (None: a single file, A1111/ComfyUI defaults)
+        self.scheduler_file = scheduler
+        # SDXL's model_index.json: an empty negative prompt is all zeros (hidden and pooled), not "" encoded
+        self.zeros_for_empty_negative = False
         self.schedule = scheduler_schedule(self.scheduler)
         self.device, self.dtype = torch.device(device), dtype
         self.vae_tile = vae_tile  # latent tile size for tiled VAE decoding (None: whole image)
@@ -216,11 +222,10 @@ class StableDiffusion:
         a fraction streams only the first blocks holding that share of the weights)."""
         path = Path(path)
         sd = load_sd(path, allow_pickle=allow_pickle, prediction=prediction, vae=vae, text_encoders=text_encoders)
-        scheduler, text_folder = {}, None
+        scheduler, text_folder = None, None
         if path.is_dir() and (path / "model_index.json").is_file():
             cfg = path / "scheduler" / "scheduler_config.json"
-            if cfg.is_file():
-                scheduler = json.loads(cfg.read_text())
+            scheduler = json.loads(cfg.read_text()) if cfg.is_file() else {}
             if all((path / s.diffusers).is_dir() for s in family_towers(sd.family.name)) and not text_encoders:
                 text_folder = path  # else the towers are built from sd.text_encoders, overrides included
         if isinstance(tokenizer, (str, Path)):
@@ -229,8 +234,12 @@ class StableDiffusion:
             tok = path / "tokenizer" if path.is_dir() else None
             tokenizer = ClipTokenizer.from_folder(tok) if tok is not None and tok.is_dir() else \
                 ClipTokenizer.from_openai_bpe()
-        return cls(sd, tokenizer=tokenizer, scheduler=scheduler, text_folder=text_folder, device=device, dtype=dtype,
+        pipe = cls(sd, tokenizer=tokenizer, scheduler=scheduler, text_folder=text_folder, device=device, dtype=dtype,
                    vae_tile=vae_tile, keep_loaded=keep_loaded, stream_weights=stream_weights)
+        if path.is_dir() and (path / "model_index.json").is_file():
+            index = json.loads((path / "model_index.json").read_text())
+            pipe.zeros_for_empty_negative = bool(index.get("force_zeros_for_empty_prompt", False))
+        return pipe
 
     # ------------------------------------------------------------ stages
 
@@ -238,7 +247,7 @@ class StableDiffusion:
         """The CLIP conditioner, with LoRAs applied."""
         kw = dict(dtype=self.dtype, device=self.device)
         if self.text_folder is not None:
-            cond = SDTextConditioner.from_diffusers(self.family, self.text_folder, **kw)
+            cond = SDTextConditioner.from_diffusers(self.family, self.text_folder, tokenizer=self.tokenizer, **kw)
             if self.tokenizer is not None:
                 for e, spec in zip(cond.encoders, family_towers(self.family)):
                     e.tokenizer = self.tokenizer.with_padding(spec.pad_with_eos)
@@ -258,6 +267,9 @@ class StableDiffusion:
                 sd.update({f"{i}.{k}": t for k, t in materialize(w).items()})
             cond = SDTextConditioner.from_state_dict(self.family, sd, self.tokenizer,
                                                      prefixes=tuple(f"{i}." for i in range(len(specs))), **kw)
+            for e, s in zip(cond.encoders, specs):  # a tower stored already cut: read its last block
+                if self.checkpoint.text_encoders[s.diffusers].cut:
+                    e.tower.config.full_depth = e.tower.config.num_hidden_layers + 1
         self._apply(self._text_models(cond))
         return cond
 
@@ -307,12 +319,18 @@ class StableDiffusion:
 
     # ------------------------------------------------------------ sampling
 
-    def sigmas(self, steps: int, schedule: str | None = None, denoiser: DiscreteDenoiser | None = None) -> torch.Tensor:
-        """The sampling noise levels: the scheduler config's spacing by default, else a sumie schedule."""
-        if schedule is None:
-            return scheduler_sigmas(self.schedule, steps, self.scheduler["timestep_spacing"],
-                                    int(self.scheduler["steps_offset"]))
-        return sigmas_for(denoiser, schedule, steps)
+    def sigmas(self, steps: int, schedule: str | None = None, denoiser: DiscreteDenoiser | None = None,
+               sampler: str = "euler") -> tuple[torch.Tensor, float]:
+        """(sampling noise levels, final noise level): by default the timesteps diffusers' scheduler
+        class for ``sampler`` takes from the folder's config (single files: A1111/ComfyUI's,
+        :mod:`sumie.io.sd.scheduler`); leading/linspace/trailing override only its spacing; any
+        other name is a sumie schedule."""
+        if schedule is None or schedule in ("leading", "linspace", "trailing"):
+            cfg = resolve_scheduler(self.scheduler_file, sampler)
+            if schedule is not None:
+                cfg.update(timestep_spacing=schedule, kind="ddim" if cfg["kind"] == "normal" else cfg["kind"])
+            return config_sigmas(self.schedule, steps, cfg)
+        return sigmas_for(denoiser, schedule, steps), 0.0
 
     def initial_noise(self, n: int, height: int, width: int, sigma_max: float, seed: int) -> torch.Tensor:
         """x_T = z * sqrt(1 + sigma_max^2), z ~ N(0, I) per sample from seeds seed .. seed+n-1; (n, C, h, w)."""
@@ -325,9 +343,13 @@ class StableDiffusion:
     def __call__(self, prompt: str | list[str], negative_prompt: str | list[str] = "", *, n: int = 1, steps: int = 20,
                  guidance_scale: float = 7.5, sampler: str = "euler", schedule: str | None = None, seed: int = 0,
                  height: int | None = None, width: int | None = None, callback: Callable | None = None,
-                 eta: float | None = None) -> torch.Tensor:
+                 eta: float | None = None, order: int | None = None, round_timesteps: bool = False
+                 ) -> torch.Tensor:
         """Images (n, H, W, 3) uint8; image i is seeded with seed + i. A list of prompts gives one
-        image per prompt (n is then ignored)."""
+        image per prompt (n is then ignored). ``order``: the solver order of the samplers that take
+        one (lms, deis, uni_pc, uni_pc_bh2); a diffusers scheduler name brings its own default
+        (``UniPCMultistepScheduler``: 2). ``round_timesteps``: feed the U-Net the nearest integer
+        timestep, as diffusers' DPM-Solver/UniPC/DEIS do with Karras sigmas (README, parity)."""
         prompts = [prompt] * n if isinstance(prompt, str) else list(prompt)
         negs = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
         n = len(prompts)
@@ -341,22 +363,36 @@ class StableDiffusion:
 
         text = self._stage("text", self.build_text)  # stage 1: text
         c, u = text.encode_pair(prompts, negs)
+        if self.zeros_for_empty_negative:  # diffusers' force_zeros_for_empty_prompt (SDXL)
+            empty = torch.tensor([not neg for neg in negs], device=u.hidden.device)
+            u.hidden[empty] = 0
+            u.pooled[empty] = 0
         size = dict(original_size=(height, width), target_size=(height, width))
         cond, uncond = text.unet_cond(c, **size), text.unet_cond(u, **size)
         del text, c, u
         self._stage_done()
 
         unet = self._stage("unet", self.build_unet)  # stage 2: denoising
-        denoiser = DiscreteDenoiser(unet, self.schedule, self.checkpoint.prediction)
+        denoiser = DiscreteDenoiser(unet, self.schedule, self.checkpoint.prediction, round_timesteps)
+        kw = sampler_defaults(sampler)
         sampler, schedule = resolve_sampling(sampler, schedule, default_schedule=None)
-        sigmas = self.sigmas(steps, schedule, denoiser).to(torch.float32)
+        sigmas, final_sigma = self.sigmas(steps, schedule, denoiser, sampler)
+        sigmas = sigmas.to(torch.float32)
         x = self.initial_noise(n, height, width, float(sigmas[0]), seed).to(self.device, self.dtype)
         model = CFGDenoiser(denoiser, uncond, guidance_scale) if guidance_scale != 1.0 else denoiser
-        kw = {"eta": eta} if eta is not None else {}
+        kw.update({k: v for k, v in (("eta", eta), ("order", order)) if v is not None})
+        unknown = [k for k in kw if k not in SAMPLER_OPTIONS[sampler]]
+        if unknown:
+            raise ValueError(f"sampler {sampler} takes no {', '.join(unknown)} (its options: "
+                             f"{', '.join(SAMPLER_OPTIONS[sampler]) or 'none'})")
         hooks = stream_blocks(unet, self.stream_weights) if self.stream_weights else []
+        if final_sigma:  # the scheduler's last step lands on timestep 0's noise level, not 0 (io.sd.scheduler)
+            model = StopAtSigma(model, final_sigma)
         try:
             latent = SAMPLERS[sampler](model, x, sigmas.to(self.device), cond=cond, callback=callback,
                                        generator=generators_for(seed, n), **kw)
+        except ReachedSigma as stop:
+            latent = stop.x / (1 + final_sigma**2) ** 0.5  # VE x at sigma_final -> the VP latent diffusers decodes
         finally:
             for h in hooks:
                 h.remove()

@@ -7,50 +7,15 @@ A1111 names ("DPM++ 2M Karras", "Euler a", ...) and diffusers scheduler class na
 
 from __future__ import annotations
 
-import inspect
-
 from .base import SamplingCancelled, StepInfo, check_sigmas
 from .basic import (sample_ddim, sample_ddpm, sample_dpm_2, sample_dpm_2_ancestral, sample_euler,
                     sample_euler_ancestral, sample_heun, sample_lcm, sample_restart)
 from .dpm import (sample_dpmpp_2m, sample_dpmpp_2m_sde, sample_dpmpp_2m_sde_heun, sample_dpmpp_2s_ancestral,
                   sample_dpmpp_3m, sample_dpmpp_3m_sde, sample_dpmpp_sde)
 from .multistep import sample_deis, sample_ipndm, sample_lms, sample_plms, sample_unipc, sample_unipc_bh2
-from .names import nfe_for_steps, resolve_sampler_name, steps_for_nfe
+from .names import nfe_for_steps, resolve_sampler_name, sampler_defaults, steps_for_nfe
 from .noise import generators_for, randn, randn_like
-
-SAMPLERS = {
-    "euler": sample_euler,
-    "euler_ancestral": sample_euler_ancestral,
-    "heun": sample_heun,
-    "dpm_2": sample_dpm_2,
-    "dpm_2_ancestral": sample_dpm_2_ancestral,
-    "lms": sample_lms,
-    "ddim": sample_ddim,
-    "ddpm": sample_ddpm,
-    "plms": sample_plms,
-    "ipndm": sample_ipndm,
-    "deis": sample_deis,
-    "dpmpp_2s_ancestral": sample_dpmpp_2s_ancestral,
-    "dpmpp_sde": sample_dpmpp_sde,
-    "dpmpp_2m": sample_dpmpp_2m,
-    "dpmpp_2m_sde": sample_dpmpp_2m_sde,
-    "dpmpp_2m_sde_heun": sample_dpmpp_2m_sde_heun,
-    "dpmpp_3m": sample_dpmpp_3m,
-    "dpmpp_3m_sde": sample_dpmpp_3m_sde,
-    "uni_pc": sample_unipc,
-    "uni_pc_bh2": sample_unipc_bh2,
-    "restart": sample_restart,
-    "lcm": sample_lcm,
-}
-
-# samplers that draw fresh noise while sampling (the rest are deterministic given x)
-STOCHASTIC = frozenset({"euler_ancestral", "dpm_2_ancestral", "ddpm", "dpmpp_2s_ancestral", "dpmpp_sde",
-                        "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3m_sde", "restart", "lcm"})
-
-_COMMON = {"denoiser", "x", "sigmas", "cond", "callback", "generator"}
-# extra keyword arguments each sampler accepts (eta, order, variant, ...), read off its signature
-SAMPLER_OPTIONS = {name: tuple(p for p in inspect.signature(fn).parameters if p not in _COMMON)
-                   for name, fn in SAMPLERS.items()}
+from .registry import REGISTRY, SAMPLER_NAMES, SAMPLER_OPTIONS, SAMPLERS, STOCHASTIC, SamplerSpec, sampler_help
 
 
 def get_sampler(name: str):
@@ -60,6 +25,6 @@ def get_sampler(name: str):
     return SAMPLERS[resolve_sampler_name(name)[0]]
 
 
-__all__ = ["SAMPLERS", "SAMPLER_OPTIONS", "STOCHASTIC", "SamplingCancelled", "StepInfo", "check_sigmas",
+__all__ = ["REGISTRY", "SAMPLERS", "SAMPLER_NAMES", "SAMPLER_OPTIONS", "STOCHASTIC", "SamplerSpec", "SamplingCancelled", "StepInfo", "check_sigmas",
            "get_sampler", "generators_for", "nfe_for_steps", "randn", "randn_like", "resolve_sampler_name",
-           "steps_for_nfe"] + [f.__name__ for f in SAMPLERS.values()]
+           "sampler_defaults", "sampler_help", "steps_for_nfe"] + [f.__name__ for f in SAMPLERS.values()]

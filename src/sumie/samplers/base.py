@@ -93,3 +93,29 @@ def ancestral_step(sigma: torch.Tensor, sigma_next: torch.Tensor, eta: float = 1
 def lambda_(sigma: torch.Tensor) -> torch.Tensor:
     """Half log-SNR in VE form, lambda = -log(sigma) (Lu et al. 2022, DPM-Solver sec. 3.1)."""
     return -torch.log(sigma)
+
+
+class ReachedSigma(Exception):
+    """Raised by :class:`StopAtSigma`: sampling reached its final noise level; ``x`` is the sample there."""
+
+    def __init__(self, x: torch.Tensor):
+        super().__init__("reached the final noise level")
+        self.x = x
+
+
+class StopAtSigma:
+    """A denoiser wrapper that ends sampling on reaching noise level ``sigma_final`` > 0: called
+    there, it raises :class:`ReachedSigma` with x instead of calling the network. Run a sampler
+    over ``[..., sigma_final, 0]`` to get the sample at ``sigma_final`` with no extra network call
+    (diffusers' DDIM/PNDM with ``set_alpha_to_one=False`` and DEIS end at timestep 0's noise level,
+    not at 0). Only for samplers that evaluate the denoiser at the levels of ``sigmas`` alone
+    (not Heun-type second stages, whose correction would evaluate it at ``sigma_final`` early)."""
+
+    def __init__(self, denoiser: Callable, sigma_final: float):
+        self.denoiser, self.sigma_final = denoiser, float(sigma_final)
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, cond=None) -> torch.Tensor:
+        if torch.isclose(sigma.double(), torch.tensor(self.sigma_final, dtype=torch.float64,
+                                                      device=sigma.device), rtol=1e-5).all():
+            raise ReachedSigma(x)
+        return self.denoiser(x, sigma, cond)

@@ -155,17 +155,7 @@ def sample_restart(denoiser, x, sigmas, *, cond=None, callback: Callback = None,
     (default: 1, or 2 from 36 steps on, A1111's rule). The restart interval reuses the
     schedule's own noise levels (A1111 instead re-spaces it with Karras sigmas)."""
     sigmas = check_sigmas(sigmas).to(x.device)
-    n = len(sigmas) - 1
-    if restart_times is None:
-        restart_times = 0 if n < 4 else (1 if n < 36 else 2)
-    if restart_times < 0 or not 0 < restart_min < restart_max:
-        raise ValueError("restart needs restart_times >= 0 and 0 < restart_min < restart_max")
-    positive = sigmas[:-1]
-    j_min = int((positive - restart_min).abs().argmin())
-    j_max = int((positive - restart_max).abs().argmin())
-    steps = list(range(n))
-    if j_max < j_min:
-        steps = steps[:j_min] + (list(range(j_max, j_min)) * restart_times) + steps[j_min:]
+    steps = restart_plan(sigmas, restart_min, restart_max, restart_times)
     level = sigmas[0]
     for step, i in enumerate(steps):
         if sigmas[i] > level:  # jump back up the noise levels
@@ -173,3 +163,22 @@ def sample_restart(denoiser, x, sigmas, *, cond=None, callback: Callback = None,
         x = _heun_step(denoiser, x, sigmas, i, step, cond, callback)
         level = sigmas[i + 1]
     return x
+
+
+def restart_plan(sigmas: torch.Tensor, restart_min: float = 0.1, restart_max: float = 2.0,
+                 restart_times: int | None = None) -> list[int]:
+    """The schedule indices restart sampling visits in order (Xu et al. 2023 Algorithm 1): every
+    step once, and the interval from the level nearest ``restart_max`` down to the one nearest
+    ``restart_min`` again ``restart_times`` times (see :func:`sample_restart`)."""
+    n = len(sigmas) - 1
+    if restart_times is None:
+        restart_times = 0 if n < 4 else (1 if n < 36 else 2)
+    if restart_times < 0 or not 0 < restart_min < restart_max:
+        raise ValueError("restart needs restart_times >= 0 and 0 < restart_min < restart_max")
+    positive = torch.as_tensor(sigmas)[:-1]
+    j_min = int((positive - restart_min).abs().argmin())
+    j_max = int((positive - restart_max).abs().argmin())
+    steps = list(range(n))
+    if j_max < j_min:
+        steps = steps[:j_min] + (list(range(j_max, j_min)) * restart_times) + steps[j_min:]
+    return steps

@@ -58,8 +58,9 @@ _WHITESPACE = frozenset("\t\n\v\f\r \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004
                         "\u2009\u200a\u2028\u2029\u202f\u205f\u3000")
 
 
-class TokenizerError(RuntimeError):
-    """A tokenizer that cannot be built from the files given; the message says what to do."""
+class TokenizerError(RuntimeError, ValueError):
+    """A tokenizer that cannot be built from the files given; the message says what to do (a
+    ValueError too, so the CLI prints it as one line)."""
 
 
 @lru_cache(maxsize=1)
@@ -165,12 +166,38 @@ class ClipTokenizer(Tokenizer):
 
     @classmethod
     def from_folder(cls, folder: str | Path, **kw) -> "ClipTokenizer":
-        """A diffusers ``tokenizer/`` folder; its ``special_tokens_map.json`` or
-        ``tokenizer_config.json`` decides the padding token unless ``pad_with_eos`` is given."""
+        """A diffusers ``tokenizer/`` folder: ``vocab.json`` + ``merges.txt``, or only ``tokenizer.json``
+        (as transformers 5 saves it; the BPE vocabulary and merges are inside); its
+        ``special_tokens_map.json`` or ``tokenizer_config.json`` decides the padding token unless
+        ``pad_with_eos`` is given."""
         folder = Path(folder)
         vocab, merges = folder / "vocab.json", folder / "merges.txt"
         if not vocab.is_file() or not merges.is_file():
-            raise TokenizerError(f"{folder} holds no vocab.json + merges.txt (a CLIP tokenizer folder)")
+            if (folder / "tokenizer.json").is_file():
+                return cls.from_tokenizer_json(folder / "tokenizer.json", **cls._folder_kw(folder, kw))
+            raise TokenizerError(f"{folder} holds no vocab.json + merges.txt nor tokenizer.json (a CLIP tokenizer "
+                                 "folder)")
+        return cls.from_files(vocab, merges, **cls._folder_kw(folder, kw))
+
+    @classmethod
+    def from_tokenizer_json(cls, path: str | Path, **kw) -> "ClipTokenizer":
+        """A Hugging Face ``tokenizers`` file (``tokenizer.json``) of a byte-level BPE model: its
+        ``model.vocab`` and ``model.merges`` (strings "a b" or pairs [a, b], by version)."""
+        try:
+            model = json.loads(Path(path).read_text(encoding="utf-8"))["model"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise TokenizerError(f"{path}: not a tokenizers JSON file with a model section ({e})") from e
+        if model.get("type", "BPE") != "BPE" or "vocab" not in model or "merges" not in model:
+            raise TokenizerError(f"{path}: a {model.get('type')!r} tokenizer; CLIP's is BPE with vocab and merges")
+        merges = [tuple(m.split()) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+        bad = [m for m in merges if len(m) != 2]
+        if bad:
+            raise TokenizerError(f"{path}: merges must hold two symbols, got {bad[0]!r}")
+        return cls(dict(model["vocab"]), merges, **kw)
+
+    @staticmethod
+    def _folder_kw(folder: Path, kw: dict) -> dict:
+        kw = dict(kw)
         if "pad_with_eos" not in kw:
             pad = _pad_token_of(folder)
             if pad is not None:
@@ -181,7 +208,7 @@ class ClipTokenizer(Tokenizer):
                 n = json.loads(cfg.read_text(encoding="utf-8")).get("model_max_length")
                 if isinstance(n, int) and 0 < n < 100_000:
                     kw["model_max_length"] = n
-        return cls.from_files(vocab, merges, **kw)
+        return kw
 
     @classmethod
     def from_openai_bpe(cls, path: str | Path | None = None, **kw) -> "ClipTokenizer":
@@ -293,7 +320,8 @@ def find_openai_bpe() -> Path:
     env = os.environ.get("SUMIE_CLIP_BPE")
     if env:
         if not Path(env).is_file():
-            raise TokenizerError(f"$SUMIE_CLIP_BPE points to {env}, which does not exist")
+            raise TokenizerError(f"$SUMIE_CLIP_BPE points to {env}, which does not exist (or give a diffusers "
+                                 "tokenizer/ folder: --tokenizer DIR)")
         return Path(env)
     for pkg in ("open_clip", "clip"):
         try:
@@ -306,5 +334,6 @@ def find_openai_bpe() -> Path:
                 return p
     raise TokenizerError(
         f"CLIP's BPE vocabulary ({OPENAI_BPE_FILE}) was not found. sumie does not ship it; either "
-        "load the tokenizer/ folder of a diffusers model (vocab.json + merges.txt), install a package "
+        "give the tokenizer/ folder of a diffusers model (`--tokenizer DIR`: vocab.json + merges.txt, or "
+        "tokenizer.json), install a package "
         "that carries it (`pip install open-clip-torch --no-deps`), or set $SUMIE_CLIP_BPE to the file.")

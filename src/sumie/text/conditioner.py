@@ -144,12 +144,14 @@ class SDTextConditioner:
 
     @classmethod
     def from_diffusers(cls, family: str, folder: str | Path, *, clip_skip: int | None = None,
-                       dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> "SDTextConditioner":
-        """From a diffusers folder's ``text_encoder*/`` and ``tokenizer/`` sub-folders."""
+                       dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                       tokenizer: ClipTokenizer | None = None) -> "SDTextConditioner":
+        """From a diffusers folder's ``text_encoder*/`` and ``tokenizer/`` sub-folders (``tokenizer``
+        given: that one instead, e.g. for a folder converted from a single file, which has none)."""
         folder = Path(folder)
         specs = family_towers(family)
         towers = [load_clip_text_folder(folder / s.diffusers, dtype, device) for s in specs]
-        tokenizer = ClipTokenizer.from_folder(folder / "tokenizer")
+        tokenizer = tokenizer or ClipTokenizer.from_folder(folder / "tokenizer")
         return cls.from_towers(family, towers, tokenizer, clip_skip=clip_skip)
 
     # ------------------------------------------------------------ encoding

@@ -211,10 +211,11 @@ _YAML_V = re.compile(r"^\s*parameterization:\s*['\"]?v['\"]?\s*$", re.MULTILINE)
 
 
 def detect_prediction(fam: Family, unet: Weights, source: Path | None, override: str | None,
-                      v_marker: bool = False) -> tuple[str, str]:
+                      v_marker: bool = False, metadata: dict | None = None) -> tuple[str, str]:
     """(prediction, reason). Weights alone do not always tell eps from v; in order: the
     caller's ``override``; a sibling ``.yaml`` with ``parameterization: "v"`` (the original
-    repositories ship one); a ``v_pred`` marker tensor; for SD 2.x, ComfyUI's test (std of
+    repositories ship one); the ``sumie.prediction`` header key sumie's converter writes; a
+    ``v_pred`` marker tensor; for SD 2.x, ComfyUI's test (std of
     ``output_blocks.11.1.transformer_blocks.0.norm1.bias`` above 0.09 in the published v
     models); else the family's default."""
     if override is not None:
@@ -226,6 +227,11 @@ def detect_prediction(fam: Family, unet: Weights, source: Path | None, override:
             if yaml.is_file():
                 v = bool(_YAML_V.search(yaml.read_text(errors="replace")))
                 return ("v" if v else "eps"), f"from {yaml.name}"
+    written = (metadata or {}).get("sumie.prediction")
+    if written is not None:
+        if written not in ("eps", "v"):
+            raise CheckpointError(f"{source}: header sumie.prediction={written!r} is not 'eps' or 'v'")
+        return written, "from the file's header (sumie.prediction)"
     if v_marker:
         return "v", "v_pred marker tensor"
     key = "output_blocks.11.1.transformer_blocks.0.norm1.bias"

@@ -46,6 +46,13 @@ class TextEncoderWeights:
     kind: str
     layout: str
     weights: Weights
+    # SD 2.x's OpenCLIP-H already cut after its penultimate block, as diffusers stores it: read its
+    # last block (not its penultimate). Hugging-Face layout implies it; single files say so in the header.
+    cut: bool = False
+
+    def __post_init__(self):
+        if self.kind == "openclip-h" and self.layout == "hf":
+            self.cut = True
 
     def state_dict(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
         return materialize(self.weights, dtype)
@@ -136,21 +143,27 @@ def _hf_text_names(w: Weights) -> Weights:
     return {k: v for k, v in w.items() if not k.endswith("position_ids")}
 
 
-def _text_from_single(raw: Weights, spec: TextEncoderSpec) -> TextEncoderWeights | None:
+def _text_from_single(raw: Weights, spec: TextEncoderSpec, cut_slots: set[str] = frozenset()
+                      ) -> TextEncoderWeights | None:
     w = _strip(raw, spec.prefix)
     if not w:
         return None
     if spec.layout == "hf":
         w = _hf_text_names(w)
     w = {k: v for k, v in w.items() if not k.endswith("position_ids")}
-    return TextEncoderWeights(spec.slot, _text_kind(w, spec.layout), spec.layout, w)
+    return TextEncoderWeights(spec.slot, _text_kind(w, spec.layout), spec.layout, w,
+                              cut=spec.slot in cut_slots)
+
+
+def _cut_slots(meta: dict) -> set[str]:
+    return set(filter(None, (meta or {}).get("sumie.text_cut", "").split(",")))
 
 
 def load_single_file(path: str | Path, *, allow_pickle: bool = False, prediction: str | None = None,
                      family_name: str | None = None) -> SDCheckpoint:
     """A latent-diffusion single-file checkpoint (``.safetensors``; ``.ckpt`` with ``allow_pickle``)."""
     path = Path(path)
-    raw, _ = open_weights(path, allow_pickle=allow_pickle)
+    raw, meta = open_weights(path, allow_pickle=allow_pickle)
     unet = _strip(raw, UNET_PREFIX)
     if not unet:
         prefixes = sorted({k.split(".", 1)[0] + "." for k in raw})
@@ -164,10 +177,10 @@ def load_single_file(path: str | Path, *, allow_pickle: bool = False, prediction
     vae = _strip(raw, vae_prefix)
     proto = fam.vae()
     vae_cfg = vae_config_from_weights(vae, proto.scaling_factor, proto.shift_factor)
-    pred, why = detect_prediction(fam, unet, path, prediction, v_marker="v_pred" in raw)
+    pred, why = detect_prediction(fam, unet, path, prediction, v_marker="v_pred" in raw, metadata=meta)
     texts = {}
     for spec in fam.text_encoders:
-        te = _text_from_single(raw, spec)
+        te = _text_from_single(raw, spec, _cut_slots(meta))
         if te is not None:
             texts[spec.slot] = te
     return SDCheckpoint(fam, pred, unet_config_for(fam, feats), vae_cfg, unet, vae, texts, str(path),
@@ -240,7 +253,8 @@ def load_native(folder: str | Path) -> SDCheckpoint:
     m = read_json(folder / NATIVE_MANIFEST)
     if m.get("format") != NATIVE_FORMAT:
         raise CheckpointError(f"{folder / NATIVE_MANIFEST}: format {m.get('format')!r} is not {NATIVE_FORMAT!r}")
-    texts = {slot: TextEncoderWeights(slot, t["kind"], t["layout"], open_safetensors(folder / f"{slot}.safetensors")[0])
+    texts = {slot: TextEncoderWeights(slot, t["kind"], t["layout"], open_safetensors(folder / f"{slot}.safetensors")[0],
+                                      cut=t.get("cut", False))
              for slot, t in m.get("text_encoders", {}).items()}
     return SDCheckpoint(family(m["family"]), m["prediction"], UNetConfig(**m["unet"]), VAEConfig(**m["vae"]),
                         open_safetensors(folder / "unet.safetensors")[0], open_safetensors(folder / "vae.safetensors")[0],
@@ -379,7 +393,11 @@ def save_single_file(sd: SDCheckpoint, path: str | Path, dtype: torch.dtype | No
         te = sd.text_encoders.get(spec.slot)
         if te is not None:
             out.update({spec.prefix + k: v for k, v in te.in_layout(spec.layout).items()})
-    write_safetensors(path, out, {"sumie.family": sd.family.name, "sumie.prediction": sd.prediction}, dtype)
+    meta = {"sumie.family": sd.family.name, "sumie.prediction": sd.prediction}
+    cut = [s for s, te in sd.text_encoders.items() if te.cut]
+    if cut:  # the tower lacks its last block (diffusers' SD 2.x form): say so, or a reader cuts again
+        meta["sumie.text_cut"] = ",".join(cut)
+    write_safetensors(path, out, meta, dtype)
     return path
 
 
@@ -400,7 +418,7 @@ def _text_config(te: TextEncoderWeights, w: Weights) -> dict:
 
 def _diffusers_text(te: TextEncoderWeights) -> Weights:
     w = te.in_layout("hf")
-    if te.kind == "openclip-h" and te.layout == "open_clip":
+    if te.kind == "openclip-h" and not te.cut:
         # SD 2.x conditions on the penultimate layer; diffusers stores the text encoder without the
         # last layer and without the projection (``num_hidden_layers`` 23), as its own converter does.
         last = sum(1 for k in w if k.endswith("self_attn.q_proj.weight")) - 1
@@ -455,7 +473,7 @@ def save_native(sd: SDCheckpoint, folder: str | Path, dtype: torch.dtype | None 
     write_json(folder / NATIVE_MANIFEST, {
         "format": NATIVE_FORMAT, "family": sd.family.name, "prediction": sd.prediction,
         "unet": sd.unet_config.to_dict(), "vae": sd.vae_config.to_dict(),
-        "text_encoders": {s: {"kind": t.kind, "layout": t.layout} for s, t in sd.text_encoders.items()}})
+        "text_encoders": {s: {"kind": t.kind, "layout": t.layout, "cut": t.cut} for s, t in sd.text_encoders.items()}})
     return folder
 
 

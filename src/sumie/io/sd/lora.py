@@ -28,7 +28,10 @@ tables and :data:`sumie.text.clip.HF_KEYS`, so any naming the tables know is acc
 * diffusers / PEFT: ``unet.<module>.lora_A.weight`` / ``lora_B.weight``, the older
   ``<module>.lora.down.weight`` / ``lora.up.weight`` and ``lora_linear_layer.down/up``, the
   attention-processor form ``<attn>.processor.to_q_lora.down.weight``, with ``text_encoder.``
-  / ``text_encoder_2.`` prefixes and optional ``<module>.alpha``.
+  / ``text_encoder_2.`` prefixes (text modules as transformers 4 names them, ``text_model.encoder...``,
+  or as transformers 5 does, ``encoder...``) and optional ``<module>.alpha``. PEFT files written by
+  diffusers' ``save_lora_weights`` keep alpha only in the safetensors header: ``lora_adapter_metadata``,
+  JSON of each component's ``LoraConfig`` (``unet.lora_alpha``, ``unet.alpha_pattern``, ...).
 
 Every key is checked against the loaded model (module exists, is Linear or Conv2d, ranks and
 shapes agree) before any weight changes; a LoRA made for another family (an SDXL LoRA on SD
@@ -37,6 +40,7 @@ shapes agree) before any weight changes; a LoRA made for another family (an SDXL
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,6 +84,7 @@ class LoraPair:
     down: TensorRef | None = None
     up: TensorRef | None = None
     alpha: TensorRef | None = None
+    alpha_value: float | None = None  # from the header (PEFT lora_adapter_metadata) when no alpha tensor
 
 
 @dataclass
@@ -129,7 +134,41 @@ def _dotted_component(key: str) -> tuple[str, str]:
             return comp, key[len(comp) + 1:]
     if key.startswith("text_model."):
         return "text_encoder", key
-    return "unet", key  # bare U-Net keys (PEFT adapters saved from the U-Net alone)
+    return "unet", key
+
+
+_TEXT_TOP = ("encoder.", "embeddings.", "final_layer_norm.")
+
+
+def _text_model_name(comp: str, rest: str) -> str:
+    """transformers 5 saves a CLIPTextModel's LoRA keys without ``text_model.``: put it back."""
+    return "text_model." + rest if comp.startswith("text") and rest.startswith(_TEXT_TOP) else rest
+
+
+def _peft_alphas(meta: dict[str, str], source: str) -> dict[str, dict]:
+    """{component: {"lora_alpha": a, "alpha_pattern": {...}}} from diffusers' ``lora_adapter_metadata``
+    header (keys "<component>.<LoraConfig field>"; bare fields apply to every component)."""
+    raw = meta.get("lora_adapter_metadata")
+    if not raw:
+        return {}
+    try:
+        cfg = json.loads(raw)
+    except ValueError as e:
+        raise CheckpointError(f"LoRA {source}: lora_adapter_metadata is not JSON ({e})") from e
+    out: dict[str, dict] = {}
+    for key, value in cfg.items():
+        comp, _, field_ = key.rpartition(".")
+        if field_ in ("lora_alpha", "alpha_pattern"):
+            out.setdefault(comp or "*", {})[field_] = value
+    return out
+
+
+def _peft_alpha(conf: dict, name: str) -> float | None:
+    """PEFT's rule: an ``alpha_pattern`` key matching the module name's end wins over ``lora_alpha``."""
+    for pattern, a in (conf.get("alpha_pattern") or {}).items():
+        if name == pattern or re.match(rf"(.*\.)?{pattern}$", name):
+            return float(a)
+    return float(conf["lora_alpha"]) if conf.get("lora_alpha") is not None else None  # bare U-Net keys (PEFT adapters saved from the U-Net alone)
 
 
 def read_lora(path: str | Path | dict[str, torch.Tensor]) -> LoraFile:
@@ -138,8 +177,9 @@ def read_lora(path: str | Path | dict[str, torch.Tensor]) -> LoraFile:
     if isinstance(path, dict):
         weights, source = from_tensors(path), "<state dict>"
     else:
-        weights, _ = open_weights(path)
+        weights, meta = open_weights(path)
         source = str(path)
+    alphas = _peft_alphas(meta if not isinstance(path, dict) else {}, source)
     lora = LoraFile(source)
     kinds = set()
     for key in sorted(weights):
@@ -159,7 +199,7 @@ def read_lora(path: str | Path | dict[str, torch.Tensor]) -> LoraFile:
             else:
                 for suffix, p in _DOTTED_PART:
                     if rest.endswith(suffix):
-                        name, part = rest[: -len(suffix)], p
+                        name, part = _text_model_name(comp, rest[: -len(suffix)]), p
                         break
         if part is None:
             other = next((o for o in _OTHER_KINDS if o in key), None)
@@ -173,6 +213,9 @@ def read_lora(path: str | Path | dict[str, torch.Tensor]) -> LoraFile:
         if part == "down":
             pair.key = key
     for pair in lora.pairs.values():
+        conf = alphas.get(pair.component, alphas.get("*"))
+        if pair.alpha is None and conf and not pair.kohya:
+            pair.alpha_value = _peft_alpha(conf, pair.name)
         if pair.down is None or pair.up is None:
             raise CheckpointError(f"LoRA {source}: {pair.key!r} has no matching "
                                   f"{'up' if pair.up is None else 'down'} weight; the file is incomplete")
@@ -266,7 +309,8 @@ def resolve(lora: LoraFile, models: dict[str, nn.Module], strength: float = 1.0,
             raise CheckpointError(f"{where}: {why} ({comp} layer {ours}){tail}")
         down, up = pair.down.load(), pair.up.load()
         r = down.shape[0]
-        alpha = float(pair.alpha.load()) if pair.alpha is not None else float(r)
+        alpha = float(pair.alpha.load()) if pair.alpha is not None else \
+            pair.alpha_value if pair.alpha_value is not None else float(r)
         if len(down.shape) == 4 and isinstance(layer, nn.Linear):
             down = down.flatten(1)
         if len(down.shape) == 2 and isinstance(layer, nn.Conv2d):
