@@ -47,17 +47,15 @@ from typing import Callable
 
 import torch
 
-from ..diffusion.guidance import CFGDenoiser
 from ..diffusion.precond import DiscreteDenoiser
 from ..diffusion.schedules import DiscreteSchedule, append_zero, discrete_sigmas, make_betas, rescale_zero_terminal_snr
-from ..image import to_uint8
 from ..io.checkpoint import CheckpointError, on_meta
 from ..io.sd import SDCheckpoint, load_sd
 from ..io.sd.lora import LoraDelta, apply_deltas, read_lora, resolve_all
 from ..io.sd.tensors import drop_pages, materialize
 from ..nn.unet import UNet
-from ..pipeline import resolve_sampling, sigmas_for
-from ..samplers import SAMPLERS, generators_for, randn
+from ..pipeline import sigmas_for
+from ..samplers import generators_for, randn
 from ..text.clip_tokenizer import ClipTokenizer
 from ..text.conditioner import SDTextConditioner, family_towers
 
@@ -328,44 +326,9 @@ class StableDiffusion:
                  eta: float | None = None) -> torch.Tensor:
         """Images (n, H, W, 3) uint8; image i is seeded with seed + i. A list of prompts gives one
         image per prompt (n is then ignored)."""
-        prompts = [prompt] * n if isinstance(prompt, str) else list(prompt)
-        negs = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
-        n = len(prompts)
-        res = self.checkpoint.resolution
-        height, width = height or res, width or res
-        mult = self.checkpoint.vae_config.downsampling_factor * 2 ** (len(self.checkpoint.unet_config.channel_mult) - 1)
-        if height % mult or width % mult:
-            near = [max(mult, round(v / mult) * mult) for v in (height, width)]
-            raise ValueError(f"height and width must be multiples of {mult} for this model, got {height}x{width}; "
-                             f"nearest valid size: --height {near[0]} --width {near[1]}")
+        from ..generation import GenerationRequest, SDFamily, generate
 
-        text = self._stage("text", self.build_text)  # stage 1: text
-        c, u = text.encode_pair(prompts, negs)
-        size = dict(original_size=(height, width), target_size=(height, width))
-        cond, uncond = text.unet_cond(c, **size), text.unet_cond(u, **size)
-        del text, c, u
-        self._stage_done()
-
-        unet = self._stage("unet", self.build_unet)  # stage 2: denoising
-        denoiser = DiscreteDenoiser(unet, self.schedule, self.checkpoint.prediction)
-        sampler, schedule = resolve_sampling(sampler, schedule, default_schedule=None)
-        sigmas = self.sigmas(steps, schedule, denoiser).to(torch.float32)
-        x = self.initial_noise(n, height, width, float(sigmas[0]), seed).to(self.device, self.dtype)
-        model = CFGDenoiser(denoiser, uncond, guidance_scale) if guidance_scale != 1.0 else denoiser
-        kw = {"eta": eta} if eta is not None else {}
-        hooks = stream_blocks(unet, self.stream_weights) if self.stream_weights else []
-        try:
-            latent = SAMPLERS[sampler](model, x, sigmas.to(self.device), cond=cond, callback=callback,
-                                       generator=generators_for(seed, n), **kw)
-        finally:
-            for h in hooks:
-                h.remove()
-        del model, denoiser, unet, cond, uncond
-        self._stage_done()
-
-        vae = self._stage("vae", lambda: self.checkpoint.build_vae(self.dtype, self.device))  # stage 3: pixels
-        z = vae.from_latent(latent.to(self.dtype))
-        image = vae.decode_tiled(z, self.vae_tile, self.vae_tile // 8) if self.vae_tile else vae.decode(z)
-        del vae
-        self._stage_done()
-        return torch.from_numpy(to_uint8(image))
+        req = GenerationRequest(prompt=prompt, negative_prompt=negative_prompt, n=n, steps=steps,
+                                guidance_scale=guidance_scale, sampler=sampler, schedule=schedule, seed=seed,
+                                height=height, width=width, callback=callback, eta=eta)
+        return torch.from_numpy(generate(SDFamily(self), req).images)

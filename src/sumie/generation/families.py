@@ -1,0 +1,205 @@
+"""Model families as bundles of components for the one generation function.
+
+A family supplies what :func:`sumie.generation.generate` needs and nothing else:
+
+* ``text_cond(prompts, negatives, height, width) -> (cond, uncond)``: the conditioner;
+* ``denoiser()``: a context manager yielding the model denoiser ``D(x; sigma, cond) -> x0``
+  (a family may build it lazily and free it afterwards, as the SD stages do);
+* ``space()``: a context manager yielding ``encode(x, generator) -> z`` and ``decode(z) -> x``
+  (pixels, sumie's own autoencoder, or an SD VAE);
+* ``sigmas(denoiser, steps, schedule, rho)``: the default sampling noise levels;
+* ``defaults``, ``size_multiple``, ``max_pixels``, ``latent_channels``, ``concat_channels``.
+
+:class:`SumieFamily` covers sumie's own text-to-image models (pixel and latent);
+:class:`SDFamily` covers every Stable Diffusion checkpoint sumie loads (SD 1.x, 2.x, 2.x-v,
+the 9-channel inpainting variants, SDXL). :func:`load_family` picks one from a path. A new
+family is a new class here with these members (see docs/design.md).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..diffusion.precond import Denoiser
+
+
+@dataclass(frozen=True)
+class Defaults:
+    """A family's default settings, used for every request field left None."""
+
+    steps: int
+    sampler: str
+    schedule: str | None  # None: the family's own (SD: the scheduler config's timestep spacing)
+    guidance_scale: float
+    rho: float = 7.0
+    height: int = 512
+    width: int = 512
+
+
+def _per_image(fn, x: torch.Tensor, generators) -> torch.Tensor:
+    """fn(x[i:i+1], generators[i]) for each image, concatenated: batch-size invariant draws."""
+    return torch.cat([fn(x[i:i + 1], generators[i] if generators is not None else None)
+                      for i in range(x.shape[0])])
+
+
+class SumieFamily:
+    """sumie's own text-to-image models (``sumie.generate.TextToImage``): pixel or latent space."""
+
+    name = "sumie"
+    concat_channels = 0
+
+    def __init__(self, model) -> None:
+        from ..latent import PixelSpace
+
+        self.model = model  # TextToImage: .denoiser, .encoder, .config, .space
+        s, res = model.config.sample, model.config.data.resolution
+        self.defaults = Defaults(steps=s.steps, sampler=s.sampler, schedule=s.schedule,
+                                 guidance_scale=s.guidance_scale, rho=s.rho, height=res, width=res)
+        space = model.space
+        self.latent_channels = space.channels
+        f = self.latent_factor = getattr(space, "downsampling_factor", 1)
+        self.dtype = torch.float32
+        self.size_multiple = f * getattr(model.denoiser.net, "downsampling_factor", 1)
+        self.max_pixels = (8 * res) ** 2  # a small model: up to 8x its training resolution on a side
+        self.device = next(model.denoiser.parameters()).device
+        self.is_pixel = isinstance(space, PixelSpace)
+
+    def text_cond(self, prompts: list[str], negatives: list[str], height: int, width: int) -> tuple[dict, dict]:
+        from ..text.small import text_cond
+
+        return text_cond(self.model.encoder, prompts), text_cond(self.model.encoder, negatives)
+
+    @contextlib.contextmanager
+    def denoiser(self):
+        yield self.model.denoiser
+
+    @contextlib.contextmanager
+    def space(self):
+        space = self.model.space
+
+        class _Space:
+            @staticmethod
+            def encode(x: torch.Tensor, generators=None) -> torch.Tensor:
+                return _per_image(lambda xi, g: space.encode(xi, g), x.to(self.device), generators)
+
+            @staticmethod
+            def decode(z: torch.Tensor) -> torch.Tensor:
+                from ..latent import decode_samples
+
+                return decode_samples(space, z)
+
+        yield _Space
+
+    def sigmas(self, denoiser: Denoiser, steps: int, schedule: str | None, rho: float) -> torch.Tensor:
+        from ..pipeline import sigmas_for
+
+        return sigmas_for(denoiser, schedule or "karras", steps, rho)
+
+
+class SDFamily:
+    """Stable Diffusion checkpoints through :class:`~sumie.pipelines.sd.StableDiffusion`'s lazy
+    stages (text, U-Net, VAE built when needed and freed after unless ``keep_loaded``)."""
+
+    name = "sd"
+
+    def __init__(self, pipe) -> None:
+        self.pipe = pipe
+        ck = pipe.checkpoint
+        res = ck.resolution
+        self.defaults = Defaults(steps=20, sampler="euler", schedule=None, guidance_scale=7.5, height=res, width=res)
+        self.latent_channels = ck.vae_config.embed_dim
+        self.latent_factor = ck.vae_config.downsampling_factor
+        self.dtype = pipe.dtype
+        extra = ck.unet_config.in_channels - self.latent_channels
+        self.concat_channels = extra if extra > 0 else 0  # inpainting: mask (1) + masked-image latents (c)
+        self.size_multiple = ck.vae_config.downsampling_factor * 2 ** (len(ck.unet_config.channel_mult) - 1)
+        self.max_pixels = (4 * res) ** 2  # four times the native resolution on each side
+        self.device = pipe.device
+        self.is_pixel = False
+        self.name = ck.family.name
+
+    def text_cond(self, prompts: list[str], negatives: list[str], height: int, width: int) -> tuple[dict, dict]:
+        pipe = self.pipe
+        text = pipe._stage("text", pipe.build_text)
+        c, u = text.encode_pair(prompts, negatives)
+        size = dict(original_size=(height, width), target_size=(height, width))
+        out = text.unet_cond(c, **size), text.unet_cond(u, **size)
+        del text, c, u
+        pipe._stage_done()
+        return out
+
+    @contextlib.contextmanager
+    def denoiser(self):
+        from ..diffusion.precond import DiscreteDenoiser
+        from ..pipelines.sd import stream_blocks
+
+        pipe = self.pipe
+        unet = pipe._stage("unet", pipe.build_unet)
+        hooks = stream_blocks(unet, pipe.stream_weights) if pipe.stream_weights else []
+        try:
+            yield DiscreteDenoiser(unet, pipe.schedule, pipe.checkpoint.prediction)
+        finally:
+            for h in hooks:
+                h.remove()
+            del unet
+            pipe._stage_done()
+
+    @contextlib.contextmanager
+    def space(self):
+        pipe = self.pipe
+        vae = pipe._stage("vae", lambda: pipe.checkpoint.build_vae(pipe.dtype, pipe.device))
+        tile = pipe.vae_tile
+
+        class _Space:
+            @staticmethod
+            def encode(x: torch.Tensor, generators=None) -> torch.Tensor:
+                """Scaled latents of a posterior *sample* (as diffusers and A1111), one draw per image."""
+                def one(xi, g):
+                    xi = xi.to(pipe.device, pipe.dtype)
+                    post = vae.encode_tiled(xi, tile * 8, tile) if tile else vae.encode(xi)
+                    return vae.to_latent(post.sample(g))
+                return _per_image(one, x, generators)
+
+            @staticmethod
+            def decode(z: torch.Tensor) -> torch.Tensor:
+                z = vae.from_latent(z.to(pipe.dtype))
+                return vae.decode_tiled(z, tile, tile // 8) if tile else vae.decode(z)
+
+        try:
+            yield _Space
+        finally:
+            del vae
+            pipe._stage_done()
+
+    def sigmas(self, denoiser: Denoiser, steps: int, schedule: str | None, rho: float) -> torch.Tensor:
+        return self.pipe.sigmas(steps, schedule, denoiser)
+
+
+def is_sd_model(path: str | Path | None) -> bool:
+    """A Stable Diffusion checkpoint: a weights file, or a diffusers folder (model_index.json)."""
+    return path is not None and (Path(path).is_file() or (Path(path) / "model_index.json").is_file())
+
+
+def load_family(path: str | Path | None = None, *, device: str | torch.device = "cpu", **sd_options):
+    """The family of the model at ``path``: a Stable Diffusion checkpoint (file or diffusers folder,
+    ``sd_options`` passed to ``StableDiffusion.from_pretrained``), else a sumie run or model folder
+    (None: the bundled model)."""
+    if is_sd_model(path):
+        from ..pipelines.sd import StableDiffusion
+
+        loras = sd_options.pop("loras", ())
+        pipe = StableDiffusion.from_pretrained(path, device=device, **sd_options)
+        for lora, strength in loras:
+            pipe.load_lora(lora, strength)
+        return SDFamily(pipe)
+    if sd_options.get("loras") or any(v for k, v in sd_options.items() if k != "loras"):
+        given = ", ".join(k for k, v in sd_options.items() if v)
+        raise ValueError(f"{given}: options for Stable Diffusion checkpoints (a .safetensors file or a diffusers "
+                         "folder), not for sumie's own models")
+    from ..generate import TextToImage
+
+    return SumieFamily(TextToImage.load(path, device=device))
