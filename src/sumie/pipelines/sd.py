@@ -154,9 +154,10 @@ class StableDiffusion:
                  scheduler: dict | None = None, text_folder: Path | None = None, device: str | torch.device = "cpu",
                  dtype: torch.dtype = torch.float32, vae_tile: int | None = None, keep_loaded: bool | None = None,
                  stream_weights: bool | float | None = None):
-        if checkpoint.unet_config.in_channels != 4:
-            raise CheckpointError(f"{checkpoint.family.title} (U-Net with {checkpoint.unet_config.in_channels} input "
-                                  "channels) is not a text-to-image model; this pipeline needs a 4-channel U-Net")
+        c, z = checkpoint.unet_config.in_channels, checkpoint.vae_config.embed_dim
+        if c not in (z, 2 * z + 1):  # latents, or inpainting's latents + mask + masked-image latents
+            raise CheckpointError(f"{checkpoint.family.title} (U-Net with {c} input channels) does not fit its "
+                                  f"{z}-channel VAE; this pipeline needs {z} or {2 * z + 1} (inpainting) channels")
         self.checkpoint = checkpoint
         self.family = checkpoint.family.name
         self.tokenizer, self.text_folder = tokenizer, text_folder
