@@ -143,25 +143,24 @@ def mask_box(mask: Image.Image, padding: int, width: int, height: int) -> tuple[
 
 
 def fill_masked(image: Image.Image, mask: Image.Image) -> Image.Image:
-    """A1111's "fill": the masked area painted with the colours around it (a normalised blur of
-    the unmasked pixels, widening until every masked pixel has a neighbour)."""
-    arr = np.asarray(image, dtype=np.float64)
-    keep = (np.asarray(mask, dtype=np.float64) < 128).astype(np.float64)
+    """A1111's "fill": the masked area painted with the colours around it (a normalised box blur
+    of the unmasked pixels, widening until every masked pixel has a known neighbour)."""
+    import torch.nn.functional as F
+
+    arr = torch.from_numpy(np.asarray(image, dtype=np.float32).copy()).permute(2, 0, 1)[None]  # (1, 3, H, W)
+    keep = torch.from_numpy((np.asarray(mask) < 128).astype(np.float32))[None, None]  # (1, 1, H, W)
     if keep.sum() == 0:
         return Image.new("RGB", image.size, (127, 127, 127))
-    out = arr.copy()
-    todo = keep < 0.5
-    radius = 4
+    out, todo, r = arr.clone(), keep[0, 0] < 0.5, 2
     while todo.any():
-        k = [np.asarray(Image.fromarray((arr[..., c] * keep).astype(np.float32), "F")
-                        .filter(ImageFilter.BoxBlur(radius))) for c in range(3)]
-        w = np.asarray(Image.fromarray(keep.astype(np.float32), "F").filter(ImageFilter.BoxBlur(radius)))
-        ok = todo & (w > 1e-6)
-        for c in range(3):
-            out[..., c][ok] = k[c][ok] / w[ok]
+        k = min(2 * r + 1, 2 * max(arr.shape[-2:]) + 1)
+        num = F.avg_pool2d(arr * keep, k, stride=1, padding=k // 2, count_include_pad=True)
+        den = F.avg_pool2d(keep, k, stride=1, padding=k // 2, count_include_pad=True)
+        ok = todo & (den[0, 0] > 1e-6)
+        out[0][:, ok] = (num[0] / den[0].clamp(min=1e-6))[:, ok]
         todo &= ~ok
-        radius *= 2
-    return Image.fromarray(np.clip(out + 0.5, 0, 255).astype(np.uint8), "RGB")
+        r *= 2
+    return Image.fromarray(out[0].permute(1, 2, 0).clamp(0, 255).round().to(torch.uint8).numpy(), "RGB")
 
 
 def overlay(result: np.ndarray, original: Image.Image, mask: Image.Image,
