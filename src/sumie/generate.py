@@ -19,8 +19,7 @@ import torch
 from .config import RunConfig
 from .diffusion.precond import Denoiser
 from .generation.request import GenerationResult
-from .latent import PixelSpace, Space, load_space
-from .models import load_model, load_text_encoder
+from .latent import PixelSpace, Space
 from .text.base import TextEncoder
 
 BUNDLED_MODEL = Path(__file__).resolve().parent / "assets" / "emoji-64"
@@ -40,18 +39,10 @@ class TextToImage:
     @classmethod
     def load(cls, path: str | Path | None = None, device: str | torch.device = "cpu") -> "TextToImage":
         """A run folder, ``ckpt-*`` folder or exported model folder; None for the bundled model."""
-        if path is None:
-            path = BUNDLED_MODEL
-            if not (path / "config.json").is_file():
-                raise FileNotFoundError(f"the bundled model is not installed in this copy of sumie ({path}); "
-                                        "pass --model RUN_DIR (a run trained with a caption preset such as "
-                                        "emoji-64 or shapes-text-32)")
-        denoiser, config = load_model(path, device=device)
-        if config.data.conditioning != "caption":
-            raise ValueError(f"{path} is not a text-to-image model (its conditioning is "
-                             f"{config.data.conditioning!r}); use `sumie sample` for it")
-        encoder = load_text_encoder(path, device=device)
-        return cls(denoiser, encoder, config, load_space(path, config, device))
+        from .generation.families import SumieFamily, require_text
+
+        f = require_text(SumieFamily.load(path, device=device), path)
+        return cls(f.denoiser_, f.encoder, f.config, f.space_)
 
     @property
     def resolution(self) -> int:
@@ -64,6 +55,7 @@ class TextToImage:
         """``n`` images of ``prompt`` (or one image per prompt of a list); image i is seeded with seed + i."""
         from .generation import GenerationRequest, SumieFamily, generate
 
-        return generate(SumieFamily(self), GenerationRequest(
+        family = SumieFamily(self.denoiser, self.config, self.space, self.encoder)
+        return generate(family, GenerationRequest(
             prompt=prompt, negative_prompt=negative_prompt, n=n, seed=seed, steps=steps, sampler=sampler,
             schedule=schedule, guidance_scale=guidance_scale, eta=eta, callback=callback))

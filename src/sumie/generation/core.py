@@ -123,6 +123,12 @@ def _prepare(family, req: GenerationRequest, notes: list[str]) -> dict:
 
 
 def _lists(req: GenerationRequest) -> tuple[list[str], list[str]]:
+    if req.class_labels is not None:  # class-conditional models: one image per label
+        req.class_labels = [int(c) for c in req.class_labels]
+        k = len(req.class_labels)
+        if isinstance(req.prompt, (list, tuple)) or req.prompt or req.negative_prompt:
+            raise ValueError("give prompts or class labels, not both")
+        return [""] * k, [""] * k
     prompts = list(req.prompt) if isinstance(req.prompt, (list, tuple)) else [req.prompt] * req.n
     if not prompts:
         raise ValueError("no prompts given")
@@ -175,7 +181,7 @@ def generate(family, request: GenerationRequest | None = None, **fields) -> Gene
                          "channels): give an init image and a mask (sumie inpaint), or outpaint")
 
     gens = generators_for(req.seed, n)
-    cond, uncond = family.text_cond(prompts, negs, h, w)
+    cond, uncond = family.text_cond(prompts, negs, h, w, req.class_labels)
     mask_lat = concat = z_img = None
     with family.denoiser() as denoiser:
         sigmas = family.sigmas(denoiser, steps, schedule, req.rho if req.rho is not None else d.rho)
@@ -216,7 +222,7 @@ def generate(family, request: GenerationRequest | None = None, **fields) -> Gene
         model = denoiser
         if concat is not None:
             model = ConcatDenoiser(model, concat.to(x.dtype))
-        if guidance != 1.0 or req.guidance_rescale:
+        if (guidance != 1.0 or req.guidance_rescale) and uncond is not None:
             model = CFGDenoiser(model, uncond, guidance, req.guidance_rescale)
         if inpaint and not family.concat_channels:
             model = InpaintBlendDenoiser(model, z_img.to(x.dtype), mask_lat.to(x.dtype), noise.to(x.dtype),

@@ -47,44 +47,92 @@ def _per_image(fn, x: torch.Tensor, generators) -> torch.Tensor:
 
 
 class SumieFamily:
-    """sumie's own text-to-image models (``sumie.generate.TextToImage``): pixel or latent space."""
+    """sumie's own models (pixel or latent space): text-, class- or unconditional. The one place
+    that loads a run's denoiser, text encoder and space together (:meth:`load`)."""
 
     name = "sumie"
     concat_channels = 0
 
-    def __init__(self, model) -> None:
+    def __init__(self, denoiser: Denoiser, config, space=None, encoder=None) -> None:
         from ..latent import PixelSpace
 
-        self.model = model  # TextToImage: .denoiser, .encoder, .config, .space
-        s, res = model.config.sample, model.config.data.resolution
+        self.denoiser_, self.config, self.encoder = denoiser, config, encoder
+        self.space_ = space or PixelSpace(config.model.in_channels)
+        s, res = config.sample, config.data.resolution
         self.defaults = Defaults(steps=s.steps, sampler=s.sampler, schedule=s.schedule,
                                  guidance_scale=s.guidance_scale, rho=s.rho, height=res, width=res)
-        space = model.space
-        self.latent_channels = space.channels
-        f = self.latent_factor = getattr(space, "downsampling_factor", 1)
+        self.latent_channels = self.space_.channels
+        f = self.latent_factor = getattr(self.space_, "downsampling_factor", 1)
         self.dtype = torch.float32
-        self.size_multiple = f * getattr(model.denoiser.net, "downsampling_factor", 1)
+        self.size_multiple = f * getattr(getattr(denoiser, "net", None), "downsampling_factor", 1)
         self.max_pixels = (8 * res) ** 2  # a small model: up to 8x its training resolution on a side
-        self.device = next(model.denoiser.parameters()).device
-        self.is_pixel = isinstance(space, PixelSpace)
+        self.device = next(denoiser.parameters()).device
+        self.is_pixel = isinstance(self.space_, PixelSpace)
 
-    def text_cond(self, prompts: list[str], negatives: list[str], height: int, width: int) -> tuple[dict, dict]:
-        from ..text.small import text_cond
+    @classmethod
+    def load(cls, path: str | Path | None = None, *, ema: bool = True, device: str | torch.device = "cpu"
+             ) -> "SumieFamily":
+        """A run folder, ``ckpt-*`` folder or exported model folder (None: the bundled model)."""
+        from ..latent import load_space
+        from ..models import load_model, load_text_encoder
 
-        return text_cond(self.model.encoder, prompts), text_cond(self.model.encoder, negatives)
+        if path is None:
+            from ..generate import BUNDLED_MODEL
+
+            path = BUNDLED_MODEL
+            if not (path / "config.json").is_file():
+                raise FileNotFoundError(f"the bundled model is not installed in this copy of sumie ({path}); "
+                                        "pass --model RUN_DIR (a run trained with a caption preset such as "
+                                        "emoji-64 or shapes-text-32)")
+        denoiser, config = load_model(path, ema=ema, device=device)
+        encoder = load_text_encoder(path, ema=ema, device=device) if config.data.conditioning == "caption" else None
+        return cls(denoiser, config, load_space(path, config, device), encoder)
+
+    @property
+    def conditioning(self) -> str:
+        if self.encoder is not None:
+            return "caption"
+        return "class" if self.config.model.num_classes is not None else "none"
+
+    def text_cond(self, prompts: list[str], negatives: list[str], height: int, width: int,
+                  class_labels: list[int] | None = None) -> tuple[dict | None, dict | None]:
+        """(cond, uncond): encoded prompts, class labels (-1 = none), or None for unconditional models."""
+        kind = self.conditioning
+        if kind == "caption":
+            if class_labels is not None:
+                raise ValueError("this model is text-conditioned: give a prompt, not class labels")
+            from ..text.small import text_cond
+
+            return text_cond(self.encoder, prompts), text_cond(self.encoder, negatives)
+        if any(p for p in prompts):
+            raise ValueError("this model has no text encoder; give class labels (--label) instead of a prompt")
+        if kind == "class":
+            if class_labels is None:
+                raise ValueError(f"this model is class-conditional: choose what to draw with class labels (0 to "
+                                 f"{self.config.model.num_classes - 1})")
+            bad = [c for c in class_labels if not -1 <= c < self.config.model.num_classes]
+            if bad:
+                raise ValueError(f"class labels must be in [0, {self.config.model.num_classes}), got {bad[0]}")
+            from ..pipeline import class_cond
+
+            return class_cond(class_labels, self.device), class_cond([-1] * len(class_labels), self.device)
+        if class_labels is not None:
+            raise ValueError("this model is unconditional: it takes no class labels")
+        return None, None
 
     @contextlib.contextmanager
     def denoiser(self):
-        yield self.model.denoiser
+        yield self.denoiser_
 
     @contextlib.contextmanager
     def space(self):
-        space = self.model.space
+        space = self.space_
+        device = self.device
 
         class _Space:
             @staticmethod
             def encode(x: torch.Tensor, generators=None) -> torch.Tensor:
-                return _per_image(lambda xi, g: space.encode(xi, g), x.to(self.device), generators)
+                return _per_image(lambda xi, g: space.encode(xi, g), x.to(device), generators)
 
             @staticmethod
             def decode(z: torch.Tensor) -> torch.Tensor:
@@ -122,7 +170,10 @@ class SDFamily:
         self.is_pixel = False
         self.name = ck.family.name
 
-    def text_cond(self, prompts: list[str], negatives: list[str], height: int, width: int) -> tuple[dict, dict]:
+    def text_cond(self, prompts: list[str], negatives: list[str], height: int, width: int,
+                  class_labels: list[int] | None = None) -> tuple[dict, dict]:
+        if class_labels is not None:
+            raise ValueError("Stable Diffusion models are text-conditioned: give a prompt, not class labels")
         pipe = self.pipe
         text = pipe._stage("text", pipe.build_text)
         c, u = text.encode_pair(prompts, negatives)
@@ -200,6 +251,12 @@ def load_family(path: str | Path | None = None, *, device: str | torch.device = 
         given = ", ".join(k for k, v in sd_options.items() if v)
         raise ValueError(f"{given}: options for Stable Diffusion checkpoints (a .safetensors file or a diffusers "
                          "folder), not for sumie's own models")
-    from ..generate import TextToImage
+    return require_text(SumieFamily.load(path, device=device), path)
 
-    return SumieFamily(TextToImage.load(path, device=device))
+
+def require_text(family: SumieFamily, path) -> SumieFamily:
+    """The family, if it is a text-to-image model (what generate/img2img/inpaint draw with)."""
+    if family.conditioning != "caption":
+        raise ValueError(f"{path} is not a text-to-image model (its conditioning is "
+                         f"{family.config.data.conditioning!r}); use `sumie sample` for it")
+    return family

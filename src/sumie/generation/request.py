@@ -25,6 +25,7 @@ class GenerationRequest:
     prompt: str | list[str] = ""
     negative_prompt: str | list[str] = ""
     n: int = 1  # images per prompt string (a list of prompts gives one image each)
+    class_labels: list[int] | None = None  # class-conditional sumie models: one label per image (-1 = none)
     seed: int = 0
     width: int | None = None  # pixels; default: the init image's size, else the model's resolution
     height: int | None = None
