@@ -210,20 +210,6 @@ def _labels_for(args, config) -> list[int] | None:
     return [i % n_classes for i in range(args.n)]
 
 
-def _prompt_conds(args, encoder) -> tuple[dict, dict]:
-    """Cross-attention conditions for ``--prompt`` and ``--negative-prompt`` (empty: unconditional)."""
-    from .text.small import text_cond
-
-    if args.label or args.shape or args.color:
-        raise ValueError("this model is text-conditioned: describe the image with --prompt instead of "
-                         "--label/--shape/--color")
-    prompt = args.prompt or ""
-    if not prompt.strip():
-        print("empty prompt: generating unconditionally", file=sys.stderr)
-    with __import__("torch").no_grad():
-        return text_cond(encoder, [prompt] * args.n), text_cond(encoder, [args.negative_prompt] * args.n)
-
-
 def _training_config(args, from_dict, resolve, default_preset: str, what: str):
     """The config of `sumie train` / `train-vae`: preset + file + --set overrides; on a bare --resume,
     the run's own config.json (+ overrides such as a new --max-steps)."""
@@ -260,35 +246,26 @@ def cmd_train(args) -> int:
 
 
 def cmd_sample(args) -> int:
-    from .image import make_grid, save_png, to_uint8, upscale
-    from .models import load_model, load_text_encoder
-    from .pipeline import class_cond, sample
+    from .generation import GenerationRequest, SumieFamily, generate
+    from .image import make_grid, save_png, upscale
 
     if args.n < 1:
         raise ValueError(f"--n must be >= 1, got {args.n}")
-    denoiser, config = load_model(args.run, ema=not args.raw)
-    s = config.sample
-    if config.data.conditioning == "caption":
-        cond, uncond = _prompt_conds(args, load_text_encoder(args.run, ema=not args.raw))
+    family = SumieFamily.load(args.run, ema=not args.raw)
+    req = GenerationRequest(n=args.n, seed=args.seed, steps=args.steps, sampler=args.sampler, schedule=args.schedule,
+                            guidance_scale=args.guidance_scale, eta=args.eta)
+    if family.conditioning == "caption":
+        if args.label or args.shape or args.color:
+            raise ValueError("this model is text-conditioned: describe the image with --prompt instead of "
+                             "--label/--shape/--color")
+        req.prompt, req.negative_prompt = args.prompt or "", args.negative_prompt
+        if not req.prompt.strip():
+            print("empty prompt: generating unconditionally", file=sys.stderr)
     else:
         if args.prompt:
             raise ValueError("this model has no text encoder; use --label or --shape/--color instead of --prompt")
-        labels = _labels_for(args, config)
-        cond = class_cond(labels) if labels is not None else None
-        uncond = class_cond([-1] * args.n) if labels is not None else None
-    from .samplers import resolve_sampler_name
-
-    sampler = args.sampler or s.sampler
-    schedule = args.schedule or (None if resolve_sampler_name(sampler)[1] else s.schedule)
-    from .latent import decode_samples, load_space
-
-    space = load_space(args.run, config)
-    x = sample(denoiser, space.latent_shape(config.data.resolution), args.n, cond=cond, uncond=uncond,
-               sampler=sampler, schedule=schedule,
-               steps=args.steps if args.steps is not None else s.steps, rho=s.rho, eta=args.eta,
-               guidance_scale=args.guidance_scale if args.guidance_scale is not None else s.guidance_scale,
-               seed=args.seed)
-    images = to_uint8(decode_samples(space, x)[:, :3])
+        req.class_labels = _labels_for(args, family.config)
+    images = generate(family, req).images
     out = save_png(args.out, upscale(make_grid(images), args.scale))
     print(f"wrote {out} ({args.n} images)")
     if args.singles:
