@@ -218,3 +218,20 @@ def test_sdxl_img2img_matches_diffusers(sdxl, sampler):
     d = max_diff(got, ref)
     print(f"SDXL img2img {sampler} strength 0.6: max |sumie - diffusers| = {d}/255")
     assert d <= 1
+
+
+def test_cli_validates_sd_and_sumie_models_alike(sd1, tmp_path, capsys):
+    from sumie.cli import main
+
+    _, folder, folder9, _ = sd1
+    out = str(tmp_path / "x.png")
+    base = ["--steps", "2", "--out", out, "--width", str(SIZE), "--height", str(SIZE)]
+    assert main(["generate", "a cat", "--model", str(folder), "--sampler", "euler", "--eta", "0.5"] + base) == 2
+    assert "sampler 'euler' takes no eta" in capsys.readouterr().err  # a one-line error, not a TypeError
+    assert main(["generate", "a cat", "--model", str(folder9)] + base) == 2
+    assert "inpainting model" in capsys.readouterr().err
+    picture().save(tmp_path / "in.png")
+    square_mask().save(tmp_path / "m.png")
+    assert main(["inpaint", "a cat", "--model", str(folder9), "--image", str(tmp_path / "in.png"), "--mask",
+                 str(tmp_path / "m.png"), "--steps", "2", "--out", out]) == 0
+    assert "inpaint at strength 1" in capsys.readouterr().out
