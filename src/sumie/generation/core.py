@@ -183,13 +183,6 @@ def generate(family, request: GenerationRequest | None = None, **fields) -> Gene
     gens = generators_for(req.seed, n)
     cond, uncond = family.text_cond(prompts, negs, h, w, req.class_labels)
     mask_lat = concat = z_img = None
-    with family.denoiser() as denoiser:
-        sigmas = family.sigmas(denoiser, steps, schedule, req.rho if req.rho is not None else d.rho)
-        sigmas = sigmas.to(device=family.device, dtype=torch.float32)
-        if mode != "txt2img":
-            sigmas = truncate_sigmas(sigmas, strength)
-        sigma0 = float(sigmas[0])
-        pure = noise_scale(denoiser, sigma0)
     inpaint = "mask" in plan
     pure_start = mode == "txt2img" or (inpaint and strength == 1.0)
 
@@ -197,7 +190,7 @@ def generate(family, request: GenerationRequest | None = None, **fields) -> Gene
         image = im.to_tensor(plan["image"])[None].expand(n, -1, -1, -1)  # (n, 3, H, W)
         if inpaint:
             m_px = im.to_tensor(plan["mask"])[None].expand(n, -1, -1, -1)  # (n, 1, H, W) in [0, 1]
-            m_bin = (m_px >= 0.5).float()
+            m_bin = (m_px >= 0.5).float()  # binarised, as diffusers' mask processor
         with family.space() as space:
             if not (family.concat_channels and pure_start):  # diffusers encodes the image only when it is used
                 z_img = space.encode(image, gens)  # (n, c, h, w)
@@ -216,9 +209,15 @@ def generate(family, request: GenerationRequest | None = None, **fields) -> Gene
     else:
         noise = randn((n, family.latent_channels, h // family.latent_factor, w // family.latent_factor), gens,
                       device=family.device)
-    x = start_state(noise, sigma0, image_latent=None if pure_start else z_img.to(noise.device), pure_noise_scale=pure)
 
-    with family.denoiser() as denoiser:
+    with family.denoiser() as denoiser:  # (SD: the U-Net stage, after the VAE stage above)
+        sigmas = family.sigmas(denoiser, steps, schedule, req.rho if req.rho is not None else d.rho)
+        sigmas = sigmas.to(device=family.device, dtype=torch.float32)
+        if mode != "txt2img":
+            sigmas = truncate_sigmas(sigmas, strength)
+        sigma0 = float(sigmas[0])
+        x = start_state(noise, sigma0, image_latent=None if pure_start else z_img.to(noise.device),
+                        pure_noise_scale=noise_scale(denoiser, sigma0))
         model = denoiser
         if concat is not None:
             model = ConcatDenoiser(model, concat.to(x.dtype))
