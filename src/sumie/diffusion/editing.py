@@ -52,8 +52,9 @@ def truncate_sigmas(sigmas: torch.Tensor, strength: float) -> torch.Tensor:
 
 def noise_scale(denoiser, sigma: float) -> float:
     """Std of a pure-noise start at ``sigma`` for a model denoiser (unwrapped): sqrt(1 + sigma^2)
-    for variance-preserving (discrete) models, the std of their training x at that level for unit-variance data (diffusers'
-    ``init_noise_sigma``), and sigma for EDM-style models, whose sigma_max dwarfs the data."""
+    for variance-preserving (discrete) models, the std of their training x at that level for
+    unit-variance data (diffusers' ``init_noise_sigma``), and sigma for EDM-style models,
+    whose sigma_max dwarfs the data."""
     if isinstance(denoiser, DiscreteDenoiser):
         return (1.0 + sigma**2) ** 0.5
     return sigma
