@@ -31,36 +31,83 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--guidance-scale", type=float, default=None, help="classifier-free guidance scale")
     p.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
 
+EDIT_COMMANDS = {
+    "generate": ("text to image with the bundled model (or --model RUN_DIR / an SD checkpoint)",
+                 'sumie generate "a red apple" writes sumie.png with the bundled model'),
+    "img2img": ("image to image: re-draw --image at --strength (variations: new seeds)",
+                'sumie img2img "a red apple" --image in.png --strength 0.6 (runs about 0.6 x --steps steps)'),
+    "inpaint": ("repaint the white part of --mask in --image",
+                'sumie inpaint "a red apple" --image in.png --mask mask.png (white = repaint)'),
+    "outpaint": ("extend --image by --left/--top/--right/--bottom pixels and paint the new margins",
+                 'sumie outpaint "a red apple" --image in.png --right 32 --bottom 32'),
+}
+
+
+def _add_generation_parsers(sub) -> None:
+    """generate, img2img, inpaint and outpaint: one set of arguments, one request type, one pipeline."""
+    for name, (help_, desc) in EDIT_COMMANDS.items():
+        p = sub.add_parser(name, help=help_, description=desc)
+        p.add_argument("prompt", help="what to draw (an empty string draws unconditionally)")
+        p.add_argument("--negative-prompt", default="", help="what to steer away from")
+        p.add_argument("--model", default=None, help="run folder, ckpt-* folder, exported model folder, or a Stable "
+                                                     "Diffusion file / diffusers folder (default: the bundled model)")
+        p.add_argument("--out", default="sumie.png", help="PNG to write (with --n > 1: a grid; see --each)")
+        p.add_argument("--n", type=int, default=1, help="number of images (image i uses seed + i)")
+        p.add_argument("--each", action="store_true", help="with --n > 1, also write OUT-0000.png, ... one per image")
+        p.add_argument("--scale", type=int, default=1, help="nearest-neighbour upscaling of the written image")
+        p.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]",
+                       help="Stable Diffusion models: a kohya or diffusers/PEFT LoRA file (repeatable)")
+        p.add_argument("--vae", default=None, help="Stable Diffusion models: a separate VAE file")
+        p.add_argument("--text-encoder", action="append", default=[], metavar="[SLOT=]FILE",
+                       help="Stable Diffusion models: replace a text encoder (slot text_encoder by default; SDXL's "
+                            "OpenCLIP-bigG is text_encoder_2=FILE); repeatable")
+        p.add_argument("--tokenizer", default=None, help="Stable Diffusion single files: a CLIP tokenizer/ folder")
+        p.add_argument("--prediction", choices=["eps", "v"], default=None,
+                       help="Stable Diffusion models: the prediction target, if the file does not say (SD 2.x 768 "
+                            "are v)")
+        p.add_argument("--order", type=int, default=None,
+                       help="solver order of lms, deis, uni_pc, uni_pc_bh2 (diffusers' UniPC/DEIS default: 2)")
+        p.add_argument("--width", type=int, default=None, help="image width (default: the init image's, else the "
+                                                              "model's resolution)")
+        p.add_argument("--height", type=int, default=None, help="image height")
+        p.add_argument("--allow-pickle", action="store_true", help="admit .ckpt files (restricted unpickler)")
+        _add_sampling_args(p)
+        if name == "generate":
+            continue
+        p.add_argument("--image", required=True, help="the init image (any PIL mode; EXIF orientation applied)")
+        p.add_argument("--strength", type=float, default=None,
+                       help="in [0, 1]: how much to change; int(steps x strength) steps run (default 0.75 for "
+                            "img2img, 1 for inpaint/outpaint)")
+        p.add_argument("--resize-mode", default="resize", choices=("resize", "crop", "fill"),
+                       help="fitting the image to --width/--height: just resize, crop and resize, resize and fill")
+        if name == "img2img":
+            continue
+        p.add_argument("--mask-blur", type=float, default=4.0, help="Gaussian blur of the mask in pixels (the final "
+                                                                     "overlay's soft edge)")
+        p.add_argument("--fill", default="original", choices=("original", "fill", "latent_noise", "latent_nothing"),
+                       help="what the masked area starts from")
+        p.add_argument("--no-overlay", action="store_true", help="keep the decoded pixels outside the mask instead "
+                                                                 "of the original ones")
+        p.add_argument("--resample", type=int, default=1, help="RePaint resampling per step (models without "
+                                                               "inpainting channels)")
+        if name == "inpaint":
+            p.add_argument("--mask", required=True, help="mask image: white = repaint, black = keep")
+            p.add_argument("--invert-mask", action="store_true", help="repaint the black part instead")
+            p.add_argument("--only-masked", action="store_true", help="work on the region around the mask at full "
+                                                                      "size, then paste it back")
+            p.add_argument("--padding", type=int, default=32, help="--only-masked: pixels around the mask")
+        else:
+            for side in ("left", "top", "right", "bottom"):
+                p.add_argument(f"--{side}", type=int, default=0, help=f"pixels to add on the {side}")
+            p.add_argument("--overlap", type=int, default=8, help="pixels of the original repainted along each new "
+                                                                  "edge, so no seam shows")
+
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="sumie", description="Diffusion models from first principles.")
     sub = ap.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("generate", help="text to image with the bundled model (or --model RUN_DIR)",
-                       description='sumie generate "a red apple" writes sumie.png with the bundled model')
-    p.add_argument("prompt", help="what to draw (an empty string draws unconditionally)")
-    p.add_argument("--negative-prompt", default="", help="what to steer away from")
-    p.add_argument("--model", default=None, help="run folder, ckpt-* folder or exported model folder "
-                                                 "(default: the bundled emoji-64 model)")
-    p.add_argument("--out", default="sumie.png", help="PNG to write (with --n > 1: a grid; see --each)")
-    p.add_argument("--n", type=int, default=1, help="number of images (image i uses seed + i)")
-    p.add_argument("--each", action="store_true", help="with --n > 1, also write OUT-0000.png, ... one per image")
-    p.add_argument("--scale", type=int, default=1, help="nearest-neighbour upscaling of the written image")
-    p.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]",
-                   help="Stable Diffusion models: a kohya or diffusers/PEFT LoRA file (repeatable)")
-    p.add_argument("--vae", default=None, help="Stable Diffusion models: a separate VAE file")
-    p.add_argument("--text-encoder", action="append", default=[], metavar="[SLOT=]FILE",
-                   help="Stable Diffusion models: replace a text encoder (slot text_encoder by default; SDXL's "
-                        "OpenCLIP-bigG is text_encoder_2=FILE); repeatable")
-    p.add_argument("--tokenizer", default=None, help="Stable Diffusion single files: a CLIP tokenizer/ folder")
-    p.add_argument("--prediction", choices=["eps", "v"], default=None,
-                   help="Stable Diffusion models: the prediction target, if the file does not say (SD 2.x 768 are v)")
-    p.add_argument("--order", type=int, default=None,
-                   help="solver order of lms, deis, uni_pc, uni_pc_bh2 (diffusers' UniPC/DEIS default: 2)")
-    p.add_argument("--width", type=int, default=None, help="Stable Diffusion models: image width")
-    p.add_argument("--height", type=int, default=None, help="Stable Diffusion models: image height")
-    p.add_argument("--allow-pickle", action="store_true", help="admit .ckpt files (restricted unpickler)")
-    _add_sampling_args(p)
+    _add_generation_parsers(sub)
 
     p = sub.add_parser("export", help="write a run's inference-only model folder (EMA weights in fp16)")
     p.add_argument("run", help="run folder or ckpt-* folder")
@@ -166,20 +213,6 @@ def _labels_for(args, config) -> list[int] | None:
     return [i % n_classes for i in range(args.n)]
 
 
-def _prompt_conds(args, encoder) -> tuple[dict, dict]:
-    """Cross-attention conditions for ``--prompt`` and ``--negative-prompt`` (empty: unconditional)."""
-    from .text.small import text_cond
-
-    if args.label or args.shape or args.color:
-        raise ValueError("this model is text-conditioned: describe the image with --prompt instead of "
-                         "--label/--shape/--color")
-    prompt = args.prompt or ""
-    if not prompt.strip():
-        print("empty prompt: generating unconditionally", file=sys.stderr)
-    with __import__("torch").no_grad():
-        return text_cond(encoder, [prompt] * args.n), text_cond(encoder, [args.negative_prompt] * args.n)
-
-
 def _training_config(args, from_dict, resolve, default_preset: str, what: str):
     """The config of `sumie train` / `train-vae`: preset + file + --set overrides; on a bare --resume,
     the run's own config.json (+ overrides such as a new --max-steps)."""
@@ -216,35 +249,26 @@ def cmd_train(args) -> int:
 
 
 def cmd_sample(args) -> int:
-    from .image import make_grid, save_png, to_uint8, upscale
-    from .models import load_model, load_text_encoder
-    from .pipeline import class_cond, sample
+    from .generation import GenerationRequest, SumieFamily, generate
+    from .image import make_grid, save_png, upscale
 
     if args.n < 1:
         raise ValueError(f"--n must be >= 1, got {args.n}")
-    denoiser, config = load_model(args.run, ema=not args.raw)
-    s = config.sample
-    if config.data.conditioning == "caption":
-        cond, uncond = _prompt_conds(args, load_text_encoder(args.run, ema=not args.raw))
+    family = SumieFamily.load(args.run, ema=not args.raw)
+    req = GenerationRequest(n=args.n, seed=args.seed, steps=args.steps, sampler=args.sampler, schedule=args.schedule,
+                            guidance_scale=args.guidance_scale, eta=args.eta)
+    if family.conditioning == "caption":
+        if args.label or args.shape or args.color:
+            raise ValueError("this model is text-conditioned: describe the image with --prompt instead of "
+                             "--label/--shape/--color")
+        req.prompt, req.negative_prompt = args.prompt or "", args.negative_prompt
+        if not req.prompt.strip():
+            print("empty prompt: generating unconditionally", file=sys.stderr)
     else:
         if args.prompt:
             raise ValueError("this model has no text encoder; use --label or --shape/--color instead of --prompt")
-        labels = _labels_for(args, config)
-        cond = class_cond(labels) if labels is not None else None
-        uncond = class_cond([-1] * args.n) if labels is not None else None
-    from .samplers import resolve_sampler_name
-
-    sampler = args.sampler or s.sampler
-    schedule = args.schedule or (None if resolve_sampler_name(sampler)[1] else s.schedule)
-    from .latent import decode_samples, load_space
-
-    space = load_space(args.run, config)
-    x = sample(denoiser, space.latent_shape(config.data.resolution), args.n, cond=cond, uncond=uncond,
-               sampler=sampler, schedule=schedule,
-               steps=args.steps if args.steps is not None else s.steps, rho=s.rho, eta=args.eta,
-               guidance_scale=args.guidance_scale if args.guidance_scale is not None else s.guidance_scale,
-               seed=args.seed)
-    images = to_uint8(decode_samples(space, x)[:, :3])
+        req.class_labels = _labels_for(args, family.config)
+    images = generate(family, req).images
     out = save_png(args.out, upscale(make_grid(images), args.scale))
     print(f"wrote {out} ({args.n} images)")
     if args.singles:
@@ -416,35 +440,32 @@ def _parse_text_encoders(specs: list[str]) -> dict[str, str]:
     return out
 
 
-def _generate_sd(args):
-    """Stable Diffusion checkpoints (single file or diffusers folder) through sumie's own SD pipeline."""
-    from .generate import Generation
-    from .pipelines.sd import StableDiffusion
+def request_from_args(args):
+    """The GenerationRequest of a generate/img2img/inpaint/outpaint command line."""
+    from .generation import GenerationRequest
 
-    import time
-
-    pipe = StableDiffusion.from_pretrained(args.model, vae=args.vae, tokenizer=args.tokenizer,
-                                           allow_pickle=args.allow_pickle, prediction=args.prediction,
-                                           text_encoders=_parse_text_encoders(args.text_encoder))
-    print(f"{pipe.checkpoint.family.title}: {pipe.checkpoint.notes[1]}")  # which prediction, and why
-    for spec in args.lora:
-        path, strength = _parse_lora(spec)
-        pipe.load_lora(path, strength)
-    settings = dict(steps=args.steps or 20, guidance_scale=7.5 if args.guidance_scale is None else args.guidance_scale,
-                    sampler=args.sampler or "euler", schedule=args.schedule)
-    t0 = time.perf_counter()
-    images = pipe(args.prompt, args.negative_prompt, n=args.n, seed=args.seed, height=args.height, width=args.width,
-                  eta=args.eta, order=args.order, **settings)
-    return Generation(images.numpy(), settings, time.perf_counter() - t0), f"{images.shape[2]}x{images.shape[1]}"
-
-
-def is_sd_model(path: str | None) -> bool:
-    """A Stable Diffusion checkpoint: a weights file, or a diffusers folder (model_index.json)."""
-    return path is not None and (Path(path).is_file() or (Path(path) / "model_index.json").is_file())
+    req = GenerationRequest(prompt=args.prompt, negative_prompt=args.negative_prompt, n=args.n, seed=args.seed,
+                            width=args.width, height=args.height, steps=args.steps, sampler=args.sampler,
+                            schedule=args.schedule, guidance_scale=args.guidance_scale, eta=args.eta,
+                            order=args.order)
+    if args.command == "generate":
+        return req
+    req.init_image, req.strength, req.resize_mode = args.image, args.strength, args.resize_mode
+    if args.command == "img2img":
+        return req
+    req.mask_blur, req.inpaint_fill, req.overlay, req.resample = args.mask_blur, args.fill, not args.no_overlay, \
+        args.resample
+    if args.command == "inpaint":
+        req.mask, req.invert_mask, req.only_masked, req.only_masked_padding = args.mask, args.invert_mask, \
+            args.only_masked, args.padding
+    else:
+        req.outpaint, req.outpaint_overlap = (args.left, args.top, args.right, args.bottom), args.overlap
+    return req
 
 
 def cmd_generate(args) -> int:
-    from .generate import TextToImage
+    """generate, img2img, inpaint, outpaint: one request, one pipeline (sumie.generation)."""
+    from .generation import generate, load_family
     from .image import make_grid, save_png, upscale
 
     if args.scale < 1:
@@ -454,25 +475,27 @@ def cmd_generate(args) -> int:
         raise ValueError(f"--out must name a .png file, got {str(out)!r}")
     if not args.prompt.strip():
         print("empty prompt: generating unconditionally", file=sys.stderr)
-    if is_sd_model(args.model):
-        g, size = _generate_sd(args)
-    else:
-        if args.lora or args.vae or args.text_encoder or args.width or args.height or args.prediction or args.order:
-            raise ValueError("--lora, --vae, --text-encoder, --width, --height, --prediction and --order are for "
-                             "Stable Diffusion "
-                             "checkpoints (--model FILE.safetensors or a diffusers folder)")
-        model = TextToImage.load(args.model)
-        size = f"{model.resolution}x{model.resolution}"
-        g = model(args.prompt, args.negative_prompt, n=args.n, seed=args.seed, steps=args.steps,
-                  sampler=args.sampler, schedule=args.schedule, guidance_scale=args.guidance_scale, eta=args.eta)
-    image = g.images[0] if args.n == 1 else make_grid(g.images)
+    req = request_from_args(args)
+    req.check()  # before loading anything
+    sd_options = dict(vae=args.vae, tokenizer=args.tokenizer, allow_pickle=args.allow_pickle, prediction=args.prediction,
+                      text_encoders=_parse_text_encoders(args.text_encoder), loras=[_parse_lora(s) for s in args.lora])
+    family = load_family(args.model, **sd_options)
+    if hasattr(family, "pipe"):  # Stable Diffusion: which prediction target, and why
+        ck = family.pipe.checkpoint
+        print(f"{ck.family.title}: {ck.notes[1]}")
+    g = generate(family, req)
+    for note in g.notes:
+        print(f"note: {note}", file=sys.stderr)
+    image = g.images[0] if len(g.images) == 1 else make_grid(g.images)
     save_png(out, upscale(image, args.scale))
     written = [out]
-    if args.each and args.n > 1:
+    if args.each and len(g.images) > 1:
         for i, img in enumerate(g.images):
             written.append(save_png(out.with_name(f"{out.stem}-{i:04d}.png"), upscale(img, args.scale)))
     s = g.settings
-    print(f"wrote {', '.join(map(str, written))} ({args.n} image(s) of {size}, "
+    size = f"{g.images.shape[2]}x{g.images.shape[1]}"
+    what = "" if s["mode"] == "txt2img" else f"{s['mode']} at strength {s['strength']:g}, "
+    print(f"wrote {', '.join(map(str, written))} ({len(g.images)} image(s) of {size}, {what}"
           f"{s['sampler']} {s['steps']} steps, guidance {s['guidance_scale']:g}, seed {args.seed}, "
           f"{g.seconds:.2f} s)")
     return 0
@@ -639,7 +662,7 @@ def cmd_train_vae(args) -> int:
 COMMANDS = {"train": cmd_train, "sample": cmd_sample, "explain": cmd_explain, "eval": cmd_eval, "demo": cmd_demo,
             "convert": cmd_convert, "data": cmd_data}
 
-COMMANDS.update(bench=cmd_bench, generate=cmd_generate, export=cmd_export)
+COMMANDS.update(bench=cmd_bench, export=cmd_export, **{name: cmd_generate for name in EDIT_COMMANDS})
 COMMANDS["train-vae"] = cmd_train_vae
 
 

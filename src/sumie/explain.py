@@ -137,22 +137,15 @@ def explain_reverse(run: str | Path, out_dir: str | Path, *, label: int | None =
                     guidance_scale: float | None = None, seed: int = 0, columns: int = 8, scale: int = 4,
                     ema: bool = True) -> dict[str, Path]:
     """Write ``reverse_strip.png`` and ``reverse.gif``: the reverse process of one image from a run."""
-    from .models import load_model
-    from .pipeline import class_cond
+    from .generation import GenerationRequest, SumieFamily, generate
+    from .samplers.base import StepInfo
 
-    denoiser, config = load_model(run, ema=ema)
-    s = config.sample
-    cond = uncond = None
-    if config.data.conditioning == "caption":
-        from .models import load_text_encoder
-        from .text.small import text_cond
-
+    family = SumieFamily.load(run, ema=ema)
+    config = family.config
+    if family.conditioning == "caption":
         if label is not None:
             raise ValueError("this model is text-conditioned: use --prompt instead of --label/--shape/--color")
-        enc = load_text_encoder(run, ema=ema)
-        with torch.no_grad():
-            cond, uncond = text_cond(enc, [prompt or ""]), text_cond(enc, [""])
-    elif config.model.num_classes is not None:
+    elif family.conditioning == "class":
         if prompt:
             raise ValueError("this model has no text encoder; use --label or --shape/--color instead of --prompt")
         if label is None:
@@ -160,18 +153,19 @@ def explain_reverse(run: str | Path, out_dir: str | Path, *, label: int | None =
                              f"{config.model.num_classes - 1}) or --shape/--color")
         if not 0 <= label < config.model.num_classes:
             raise ValueError(f"class labels must be in [0, {config.model.num_classes}), got {label}")
-        cond, uncond = class_cond([label]), class_cond([-1])
-    w = s.guidance_scale if guidance_scale is None else guidance_scale
-    from .latent import load_space
+    frames: list[tuple[float, torch.Tensor, torch.Tensor]] = []
 
-    space = load_space(run, config)  # latent models: every frame is decoded to pixels
-    final, frames = reverse_trajectory(denoiser, space.latent_shape(config.data.resolution), cond=cond,
-                                       uncond=uncond, sampler=sampler or s.sampler, schedule=schedule or None,
-                                       steps=steps or s.steps, guidance_scale=w if cond is not None else 1.0,
-                                       seed=seed)
-    with torch.no_grad():
-        final = space.decode(final[None])[0]
-        frames = [(sig, space.decode(xs[None])[0], space.decode(x0[None])[0]) for sig, xs, x0 in frames]
+    def record(info: StepInfo) -> None:
+        frames.append((info.sigma, info.x[:1].detach().float(), info.denoised[:1].detach().float()))
+
+    req = GenerationRequest(prompt=(prompt or "") if family.conditioning == "caption" else "",
+                            class_labels=[label] if family.conditioning == "class" else None, seed=seed,
+                            sampler=sampler, schedule=schedule or None, steps=steps, guidance_scale=guidance_scale,
+                            callback=record)
+    result = generate(family, req)
+    final = torch.from_numpy(result.images[0]).permute(2, 0, 1).float() / 127.5 - 1
+    with family.space() as space, torch.no_grad():  # latent models: every frame is decoded to pixels
+        frames = [(sig, space.decode(xs)[0].cpu(), space.decode(x0)[0].cpu()) for sig, xs, x0 in frames]
     strip, gif = reverse_pictures(final, frames, columns=columns, scale=scale)
     out_dir = Path(out_dir)
     return {"strip": save_png(out_dir / "reverse_strip.png", strip),
@@ -383,27 +377,17 @@ def explain_attention(run: str | Path, prompt: str, out_dir: str | Path, *, samp
                       scale: int = 4) -> dict[str, Path]:
     """``attention.png``: a sample for ``prompt`` and, per token, where the U-Net's cross-attention looked
     (averaged over heads, layers and sampling steps). Needs a text-conditioned run."""
-    from .models import load_model, load_text_encoder
-    from .pipeline import sample
-    from .text.small import text_cond
+    from .generation import GenerationRequest, SumieFamily, generate
 
-    denoiser, config = load_model(run)
+    family = SumieFamily.load(run)
+    config = family.config
     if config.data.conditioning != "caption" or config.model.context_dim is None:
         raise ValueError("attention maps need a text-conditioned model (data.conditioning = 'caption'); "
                          f"{run} is conditioned on {config.data.conditioning!r}")
-    enc = load_text_encoder(run)
-    s, res = config.sample, config.data.resolution
-    with torch.no_grad():
-        cond, uncond = text_cond(enc, [prompt]), text_cond(enc, [""])
-    from .latent import load_space
-
-    space = load_space(run, config)
-    shape = space.latent_shape(res)
-    with CrossAttentionMaps(denoiser.net, (res, res), batch_size=1) as cap:  # maps at the image's size
-        x = sample(denoiser, shape, 1, cond=cond, uncond=uncond,
-                   sampler=sampler or s.sampler, steps=steps or s.steps,
-                   guidance_scale=s.guidance_scale if guidance_scale is None else guidance_scale, seed=seed)
-        x = space.decode(x)
+    enc, res = family.encoder, config.data.resolution
+    with CrossAttentionMaps(family.denoiser_.net, (res, res), batch_size=1) as cap:  # maps at the image's size
+        image = generate(family, GenerationRequest(prompt=prompt, sampler=sampler, steps=steps,
+                                                   guidance_scale=guidance_scale, seed=seed)).images[0]
     labels, pos = token_labels(enc.tokenizer, prompt)
-    grid = attention_heatmaps(to_uint8(x[0, :3]), cap.maps()[0, pos], labels, scale)
+    grid = attention_heatmaps(image, cap.maps()[0, pos], labels, scale)
     return {"attention": save_png(Path(out_dir) / "attention.png", grid)}

@@ -12,32 +12,20 @@ config, fp16 EMA weights, the text encoder and its tokenizer, and a model card.
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from .config import RunConfig
 from .diffusion.precond import Denoiser
-from .image import to_uint8
-from .latent import PixelSpace, Space, decode_samples, load_space
-from .models import load_model, load_text_encoder
-from .pipeline import sample
+from .generation.request import GenerationResult
+from .latent import PixelSpace, Space
 from .text.base import TextEncoder
-from .text.small import text_cond
 
 BUNDLED_MODEL = Path(__file__).resolve().parent / "assets" / "emoji-64"
 
 
-@dataclass
-class Generation:
-    """What one call made: uint8 images (n, H, W, 3), the settings used, and the time it took."""
-
-    images: np.ndarray
-    settings: dict
-    seconds: float
+Generation = GenerationResult  # the one result type (sumie.generation.request)
 
 
 class TextToImage:
@@ -51,18 +39,10 @@ class TextToImage:
     @classmethod
     def load(cls, path: str | Path | None = None, device: str | torch.device = "cpu") -> "TextToImage":
         """A run folder, ``ckpt-*`` folder or exported model folder; None for the bundled model."""
-        if path is None:
-            path = BUNDLED_MODEL
-            if not (path / "config.json").is_file():
-                raise FileNotFoundError(f"the bundled model is not installed in this copy of sumie ({path}); "
-                                        "pass --model RUN_DIR (a run trained with a caption preset such as "
-                                        "emoji-64 or shapes-text-32)")
-        denoiser, config = load_model(path, device=device)
-        if config.data.conditioning != "caption":
-            raise ValueError(f"{path} is not a text-to-image model (its conditioning is "
-                             f"{config.data.conditioning!r}); use `sumie sample` for it")
-        encoder = load_text_encoder(path, device=device)
-        return cls(denoiser, encoder, config, load_space(path, config, device))
+        from .generation.families import SumieFamily, require_text
+
+        f = require_text(SumieFamily.load(path, device=device), path)
+        return cls(f.denoiser_, f.encoder, f.config, f.space_)
 
     @property
     def resolution(self) -> int:
@@ -73,23 +53,9 @@ class TextToImage:
                  steps: int | None = None, sampler: str | None = None, schedule: str | None = None,
                  guidance_scale: float | None = None, eta: float | None = None, callback=None) -> Generation:
         """``n`` images of ``prompt`` (or one image per prompt of a list); image i is seeded with seed + i."""
-        prompts = list(prompt) if isinstance(prompt, (list, tuple)) else [prompt] * n
-        n = len(prompts) if isinstance(prompt, (list, tuple)) else n
-        if n < 1:
-            raise ValueError(f"n must be >= 1, got {n}")
-        s = self.config.sample
-        settings = dict(prompt=prompt, negative_prompt=negative_prompt, n=n, seed=seed,
-                        steps=s.steps if steps is None else steps, sampler=sampler or s.sampler,
-                        schedule=schedule, guidance_scale=s.guidance_scale if guidance_scale is None else guidance_scale,
-                        eta=eta)
-        if settings["schedule"] is None:
-            from .samplers import resolve_sampler_name
+        from .generation import GenerationRequest, SumieFamily, generate
 
-            settings["schedule"] = None if resolve_sampler_name(settings["sampler"])[1] else s.schedule
-        t0 = time.perf_counter()
-        cond = text_cond(self.encoder, prompts)
-        uncond = text_cond(self.encoder, [negative_prompt] * n)
-        x = sample(self.denoiser, self.space.latent_shape(self.resolution), n, cond=cond, uncond=uncond,
-                   sampler=settings["sampler"], schedule=settings["schedule"], steps=settings["steps"], rho=s.rho,
-                   eta=eta, guidance_scale=settings["guidance_scale"], seed=seed, callback=callback)
-        return Generation(to_uint8(decode_samples(self.space, x)), settings, time.perf_counter() - t0)
+        family = SumieFamily(self.denoiser, self.config, self.space, self.encoder)
+        return generate(family, GenerationRequest(
+            prompt=prompt, negative_prompt=negative_prompt, n=n, seed=seed, steps=steps, sampler=sampler,
+            schedule=schedule, guidance_scale=guidance_scale, eta=eta, callback=callback))

@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 
 from .config import RunConfig, from_dict
-from .io.checkpoint import CKPT_RE, CheckpointError, load_tensors, read_json, resolve_checkpoint, write_folder
+from .io.checkpoint import (CKPT_RE, CheckpointError, load_state_strict, load_tensors, read_json, resolve_checkpoint,
+                            write_folder)
 from .nn.vae import AutoencoderKL, VAEConfig
 
 VAE_FORMAT = "sumie-vae-1"
@@ -140,8 +141,6 @@ def read_vae_config(path: str | Path) -> VAEConfig:
 
 def load_vae(path: str | Path, device: str | torch.device = "cpu") -> AutoencoderKL:
     """The autoencoder of a folder written by :func:`save_vae` (or a run folder holding one), in eval mode."""
-    from .models import load_state_strict
-
     folder = find_vae_folder(path)
     vae = AutoencoderKL(read_vae_config(folder))
     load_state_strict(vae, {k: v.float() for k, v in load_tensors(folder / VAE_WEIGHTS).items()},

@@ -10,8 +10,9 @@ import torch
 from .config import RunConfig, from_dict
 from .diffusion.precond import Denoiser, make_denoiser
 from .diffusion.schedules import DiscreteSchedule
-from .io.checkpoint import (MODEL_FILES, CheckpointError, check_state_shapes, load_tensors, read_json,
-                            resolve_checkpoint, write_folder)
+from .io.checkpoint import (MODEL_FILES, CheckpointError, check_state_shapes, load_state_strict, load_tensors,
+                            read_json, resolve_checkpoint, write_folder)
+from .latent import space_folder_for, vae_files
 from .nn.unet import UNet
 from .text.base import TextEncoder
 from .text.bert import BertTextEncoder, encoder_width, verify_fingerprint
@@ -136,13 +137,6 @@ def load_text_encoder(path: str | Path, *, ema: bool = True, device: str | torch
     return encoder.to(device).eval()
 
 
-def load_state_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """load_state_dict that names every missing, unexpected or mis-shaped tensor."""
-    check_state_shapes({k: tuple(v.shape) for k, v in module.state_dict().items()},
-                       {k: tuple(v.shape) for k, v in state.items()}, source)
-    module.load_state_dict(state)
-
-
 def load_model(path: str | Path, *, ema: bool = True, device: str | torch.device = "cpu") -> tuple[Denoiser, RunConfig]:
     """Load a trained denoiser from a run folder or ``ckpt-*`` folder (EMA weights by default)."""
     ckpt = resolve_checkpoint(path)
@@ -179,8 +173,6 @@ def export_model(src: str | Path, dst: str | Path, *, dtype: torch.dtype = torch
     elif run.text.kind == "hf":  # the frozen encoder stays where it is: only its fingerprint
         files[FROZEN_TEXT_FILE] = read_json(ckpt / FROZEN_TEXT_FILE)
     if run.latent.vae is not None:  # a latent model carries its autoencoder (vae.json, vae.safetensors)
-        from .latent import space_folder_for, vae_files
-
         files.update(vae_files(space_folder_for(ckpt, run), dtype))
     files.update(extra_files or {})
     return write_folder(dst, files)

@@ -10,10 +10,11 @@ from typing import Callable, Sequence
 
 import torch
 
+from .diffusion.editing import noise_scale, start_state
 from .diffusion.guidance import CFGDenoiser
 from .diffusion.precond import Denoiser, DiscreteDenoiser
 from .diffusion.schedules import sampling_sigmas
-from .samplers import SAMPLER_OPTIONS, SAMPLERS, generators_for, randn, resolve_sampler_name
+from .samplers import SAMPLER_OPTIONS, SAMPLERS, generators_for, randn, resolve_sampler_name, sampler_defaults
 
 
 def class_cond(labels: Sequence[int] | torch.Tensor, device=None) -> dict:
@@ -37,6 +38,21 @@ def resolve_sampling(sampler: str, schedule: str | None = None, default_schedule
     return name, schedule or named or default_schedule
 
 
+def check_sampler_options(sampler: str, eta: float | None, order: int | None = None, name: str | None = None) -> dict:
+    """The sampler's extra keyword arguments: the defaults its given ``name`` implies (a diffusers
+    scheduler class brings its own, e.g. UniPC's order 2), then ``eta`` and ``order`` when given;
+    a sampler refuses an option it does not take, naming those that do."""
+    kw = sampler_defaults(name) if name else {}
+    for key, value in (("eta", eta), ("order", order)):
+        if value is None:
+            continue
+        if key not in SAMPLER_OPTIONS[sampler]:
+            takers = ", ".join(k for k, v in SAMPLER_OPTIONS.items() if key in v)
+            raise ValueError(f"sampler {sampler!r} takes no {key} (samplers with {key}: {takers})")
+        kw[key] = value
+    return kw
+
+
 @torch.no_grad()
 def sample(denoiser: Denoiser, shape: Sequence[int], n: int, *, cond: dict | None = None,
            uncond: dict | None = None, sampler: str = "heun", schedule: str | None = None, steps: int = 30,
@@ -57,14 +73,10 @@ def sample(denoiser: Denoiser, shape: Sequence[int], n: int, *, cond: dict | Non
     if sigmas is None:
         sigmas = sigmas_for(denoiser, schedule, steps, rho)
     sigmas = sigmas.to(device=device, dtype=torch.float32)
-    kwargs = {}
-    if eta is not None:
-        if "eta" not in SAMPLER_OPTIONS[sampler]:
-            with_eta = ", ".join(k for k, v in SAMPLER_OPTIONS.items() if "eta" in v)
-            raise ValueError(f"sampler {sampler!r} takes no eta (samplers with eta: {with_eta})")
-        kwargs["eta"] = eta
-    gens = generators_for(seed, n)
-    x = randn((n, *shape), gens, device=device) * sigmas[0]
+    kwargs = check_sampler_options(sampler, eta)
+    gens = generators_for(seed, n)  # one generator per image for the initial AND the per-step noise
+    x = start_state(randn((n, *shape), gens, device=device), float(sigmas[0]),
+                    pure_noise_scale=noise_scale(denoiser, float(sigmas[0])))
     model = denoiser
     if guidance_scale != 1.0 or guidance_rescale or guidance_interval is not None:
         if uncond is None:

@@ -243,3 +243,10 @@ def resolve_checkpoint(path: str | Path) -> Path:
                                   "train first with `sumie train --out DIR`")
         return ckpt
     raise CheckpointError(f"{path} is a file; pass the run folder or a ckpt-* folder")
+
+
+def load_state_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """load_state_dict that names every missing, unexpected or mis-shaped tensor."""
+    check_state_shapes({k: tuple(v.shape) for k, v in module.state_dict().items()},
+                       {k: tuple(v.shape) for k, v in state.items()}, source)
+    module.load_state_dict(state)

@@ -26,7 +26,6 @@ from typing import Protocol, Sequence
 
 import numpy as np
 import torch
-from torch import nn
 
 from ..data.folder import IMAGE_EXTENSIONS, load_rgb, resize_crop
 from .fid import DEFAULT_K, frechet_distance, kid, min_samples, precision_recall
@@ -377,32 +376,22 @@ def reference_dataset(config, seed_offset: int = 1, split: str | None = None):
     raise ValueError(f"cannot build a reference set for data.kind {d.kind!r}")
 
 
-def condition_source(config, dataset, n: int, run: str | Path | None = None) -> ConditionSource:
-    """Conditions matching the first ``n`` reference items: their class labels or their captions."""
+def condition_source(config, dataset, n: int, run: str | Path | None = None, encoder=None) -> ConditionSource:
+    """Conditions matching the first ``n`` reference items: their class labels or their captions
+    (encoded by ``encoder``, else the run's text encoder)."""
     kind = config.data.conditioning
     if kind == "caption":
-        from ..models import load_text_encoder
+        if encoder is None:
+            from ..models import load_text_encoder
 
-        return Captions([dataset[i]["caption"] for i in range(n)], load_text_encoder(run))
+            encoder = load_text_encoder(run)
+        return Captions([dataset[i]["caption"] for i in range(n)], encoder)
     if kind == "class" and config.model.num_classes is not None:
         if config.data.kind != "shapes":
             raise ValueError("class-conditional evaluation needs labelled reference data (data.kind = shapes)")
         labels = [int(dataset.spec(i).objects[0].label) for i in range(n)]
         return ClassLabels(labels, shapes_vocabulary=True)
     return Unconditional(n)
-
-
-class _CountingDenoiser(nn.Module):
-    """Counts network evaluations per image (a classifier-free-guided call evaluates 2 per image)."""
-
-    def __init__(self, denoiser):
-        super().__init__()
-        self.denoiser = denoiser
-        self.images = 0
-
-    def forward(self, x, sigma, cond=None):
-        self.images += x.shape[0]
-        return self.denoiser(x, sigma, cond)
 
 
 @dataclass(frozen=True)
@@ -421,30 +410,35 @@ def generate(denoiser, config, source: ConditionSource, n: int, s: SamplingSetti
     """Sample ``n`` images for the source's conditions: (n, 3, R, R) in [-1, 1] and cost figures."""
     from tqdm import tqdm
 
-    from ..pipeline import resolve_sampling, sample, sigmas_for
+    from ..generation import GenerationRequest, SumieFamily
+    from ..generation import generate as run
 
-    counter = _CountingDenoiser(denoiser)
-    sampler, schedule = resolve_sampling(s.sampler, s.schedule, config.sample.schedule)
-    sigmas = sigmas_for(denoiser, schedule, s.steps, config.sample.rho)  # the wrapped denoiser's own range
-    res, out = config.data.resolution, []
+    family = SumieFamily(denoiser, config, space, getattr(source, "encoder", None))
+    evaluations = [0]  # network evaluations, per image (a guided call evaluates 2 per image)
+    hook = denoiser.register_forward_pre_hook(lambda module, args: evaluations.__setitem__(
+        0, evaluations[0] + args[0].shape[0]))
     guided = s.guidance_scale != 1.0 and source.kind != "none"
+    out = []
     t0 = time.perf_counter()
     bar = tqdm(total=n, desc=f"sample {s.label()}", unit="img", disable=not progress, dynamic_ncols=True,
                leave=False)
-    for start in range(0, n, batch_size):
-        stop = min(n, start + batch_size)
-        cond, uncond = source.conds(start, stop)
-        shape = space.latent_shape(res) if space is not None else (config.model.in_channels, res, res)
-        x = sample(counter, shape, stop - start, cond=cond, uncond=uncond,
-                   sampler=sampler, sigmas=sigmas, guidance_scale=s.guidance_scale if guided else 1.0,
-                   seed=seed + start)
-        if space is not None:
-            x = space.decode(x)
-        out.append(x[:, :3].clamp(-1, 1))
-        bar.update(stop - start)
+    try:
+        for start in range(0, n, batch_size):
+            stop = min(n, start + batch_size)
+            req = GenerationRequest(seed=seed + start, sampler=s.sampler, schedule=s.schedule, steps=s.steps,
+                                    guidance_scale=s.guidance_scale if guided else 1.0, n=stop - start)
+            if source.kind == "caption":
+                req.prompt, req.negative_prompt = source.captions[start:stop], [""] * (stop - start)
+            elif source.kind == "class":
+                req.class_labels = source.labels[start:stop]
+            images = run(family, req).images  # (b, H, W, 3) uint8, what a user would save
+            out.append(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1)
+            bar.update(stop - start)
+    finally:
+        hook.remove()
     bar.close()
     dt = time.perf_counter() - t0
-    return torch.cat(out), {"seconds": dt, "seconds_per_image": dt / n, "nfe_per_image": counter.images / n}
+    return torch.cat(out), {"seconds": dt, "seconds_per_image": dt / n, "nfe_per_image": evaluations[0] / n}
 
 
 # ---------------------------------------------------------------------------
@@ -469,21 +463,20 @@ def evaluate_run(run: str | Path, settings: Sequence[SamplingSettings], *, n: in
     """Sample ``n`` images per setting from a run and compare them with ``n`` reference images of its data
     (``data``: the image folder, when it has moved since training; ``split``: e.g. "heldout")."""
     from ..io.checkpoint import resolve_checkpoint
-    from ..models import load_model
 
     need = max(min_samples(k).values())
     if n < need:
         raise ValueError(f"--n {n} is too few: the metrics need at least {need} images per set "
                          f"(precision/recall with k={k} needs k+1)")
-    from ..latent import load_space
+    from ..generation import SumieFamily
 
-    denoiser, config = load_model(run, ema=not raw)
-    space = load_space(run, config)
+    family = SumieFamily.load(run, ema=not raw)
+    denoiser, config, space = family.denoiser_, family.config, family.space_
     if data is not None:
         config.data.path = str(data)
     extractor = load_features(features, weights)
     dataset = reference_dataset(config, split=split)
-    source = condition_source(config, dataset, n, run)
+    source = condition_source(config, dataset, n, run, family.encoder)
     ref_x = reference_images(dataset, n, progress)
     ref_f = extract_features(extractor, ref_x, progress=progress, desc="features (reference)")
     report = {"mode": "run", "run": str(run), "checkpoint": resolve_checkpoint(run).name,

@@ -219,6 +219,12 @@ class UNet(nn.Module):
         if context is not None:
             context = context.to(x.dtype)
 
+        extra = cond.get("concat")  # extra input channels, e.g. SD inpainting's mask + masked-image latents
+        if extra is not None:
+            x = torch.cat([x, extra.to(x.dtype)], dim=1)
+        if x.shape[1] != c.in_channels:
+            raise ValueError(f"this U-Net takes {c.in_channels} input channels, got {x.shape[1]}"
+                             + ("; an inpainting U-Net needs a mask (cond['concat'])" if extra is None else ""))
         p = c.patch_size
         if p > 1:
             if x.shape[-1] % p or x.shape[-2] % p:

@@ -47,19 +47,16 @@ from typing import Callable
 
 import torch
 
-from ..diffusion.guidance import CFGDenoiser
 from ..diffusion.precond import DiscreteDenoiser
 from ..diffusion.schedules import DiscreteSchedule, append_zero, discrete_sigmas, make_betas, rescale_zero_terminal_snr
-from ..image import to_uint8
 from ..io.checkpoint import CheckpointError, on_meta
 from ..io.sd import SDCheckpoint, load_sd
 from ..io.sd.scheduler import config_sigmas, resolve_scheduler
 from ..io.sd.lora import LoraDelta, apply_deltas, read_lora, resolve_all
 from ..io.sd.tensors import drop_pages, materialize
 from ..nn.unet import UNet
-from ..pipeline import resolve_sampling, sigmas_for
-from ..samplers import SAMPLER_OPTIONS, SAMPLERS, generators_for, randn, sampler_defaults
-from ..samplers.base import ReachedSigma, StopAtSigma
+from ..pipeline import sigmas_for
+from ..samplers import generators_for, randn
 from ..text.clip_tokenizer import ClipTokenizer
 from ..text.conditioner import SDTextConditioner, family_towers
 
@@ -158,9 +155,10 @@ class StableDiffusion:
                  scheduler: dict | None = None, text_folder: Path | None = None, device: str | torch.device = "cpu",
                  dtype: torch.dtype = torch.float32, vae_tile: int | None = None, keep_loaded: bool | None = None,
                  stream_weights: bool | float | None = None):
-        if checkpoint.unet_config.in_channels != 4:
-            raise CheckpointError(f"{checkpoint.family.title} (U-Net with {checkpoint.unet_config.in_channels} input "
-                                  "channels) is not a text-to-image model; this pipeline needs a 4-channel U-Net")
+        c, z = checkpoint.unet_config.in_channels, checkpoint.vae_config.embed_dim
+        if c not in (z, 2 * z + 1):  # latents, or inpainting's latents + mask + masked-image latents
+            raise CheckpointError(f"{checkpoint.family.title} (U-Net with {c} input channels) does not fit its "
+                                  f"{z}-channel VAE; this pipeline needs {z} or {2 * z + 1} (inpainting) channels")
         self.checkpoint = checkpoint
         self.family = checkpoint.family.name
         self.tokenizer, self.text_folder = tokenizer, text_folder
@@ -349,59 +347,12 @@ class StableDiffusion:
         image per prompt (n is then ignored). ``order``: the solver order of the samplers that take
         one (lms, deis, uni_pc, uni_pc_bh2); a diffusers scheduler name brings its own default
         (``UniPCMultistepScheduler``: 2). ``round_timesteps``: feed the U-Net the nearest integer
-        timestep, as diffusers' DPM-Solver/UniPC/DEIS do with Karras sigmas (README, parity)."""
-        prompts = [prompt] * n if isinstance(prompt, str) else list(prompt)
-        negs = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
-        n = len(prompts)
-        res = self.checkpoint.resolution
-        height, width = height or res, width or res
-        mult = self.checkpoint.vae_config.downsampling_factor * 2 ** (len(self.checkpoint.unet_config.channel_mult) - 1)
-        if height % mult or width % mult:
-            near = [max(mult, round(v / mult) * mult) for v in (height, width)]
-            raise ValueError(f"height and width must be multiples of {mult} for this model, got {height}x{width}; "
-                             f"nearest valid size: --height {near[0]} --width {near[1]}")
+        timestep, as diffusers' DPM-Solver/UniPC/DEIS do with Karras sigmas (README, parity).
+        Runs :func:`sumie.generation.generate`, the one pipeline."""
+        from ..generation import GenerationRequest, SDFamily, generate
 
-        text = self._stage("text", self.build_text)  # stage 1: text
-        c, u = text.encode_pair(prompts, negs)
-        if self.zeros_for_empty_negative:  # diffusers' force_zeros_for_empty_prompt (SDXL)
-            empty = torch.tensor([not neg for neg in negs], device=u.hidden.device)
-            u.hidden[empty] = 0
-            u.pooled[empty] = 0
-        size = dict(original_size=(height, width), target_size=(height, width))
-        cond, uncond = text.unet_cond(c, **size), text.unet_cond(u, **size)
-        del text, c, u
-        self._stage_done()
-
-        unet = self._stage("unet", self.build_unet)  # stage 2: denoising
-        denoiser = DiscreteDenoiser(unet, self.schedule, self.checkpoint.prediction, round_timesteps)
-        kw = sampler_defaults(sampler)
-        sampler, schedule = resolve_sampling(sampler, schedule, default_schedule=None)
-        sigmas, final_sigma = self.sigmas(steps, schedule, denoiser, sampler)
-        sigmas = sigmas.to(torch.float32)
-        x = self.initial_noise(n, height, width, float(sigmas[0]), seed).to(self.device, self.dtype)
-        model = CFGDenoiser(denoiser, uncond, guidance_scale) if guidance_scale != 1.0 else denoiser
-        kw.update({k: v for k, v in (("eta", eta), ("order", order)) if v is not None})
-        unknown = [k for k in kw if k not in SAMPLER_OPTIONS[sampler]]
-        if unknown:
-            raise ValueError(f"sampler {sampler} takes no {', '.join(unknown)} (its options: "
-                             f"{', '.join(SAMPLER_OPTIONS[sampler]) or 'none'})")
-        hooks = stream_blocks(unet, self.stream_weights) if self.stream_weights else []
-        if final_sigma:  # the scheduler's last step lands on timestep 0's noise level, not 0 (io.sd.scheduler)
-            model = StopAtSigma(model, final_sigma)
-        try:
-            latent = SAMPLERS[sampler](model, x, sigmas.to(self.device), cond=cond, callback=callback,
-                                       generator=generators_for(seed, n), **kw)
-        except ReachedSigma as stop:
-            latent = stop.x / (1 + final_sigma**2) ** 0.5  # VE x at sigma_final -> the VP latent diffusers decodes
-        finally:
-            for h in hooks:
-                h.remove()
-        del model, denoiser, unet, cond, uncond
-        self._stage_done()
-
-        vae = self._stage("vae", lambda: self.checkpoint.build_vae(self.dtype, self.device))  # stage 3: pixels
-        z = vae.from_latent(latent.to(self.dtype))
-        image = vae.decode_tiled(z, self.vae_tile, self.vae_tile // 8) if self.vae_tile else vae.decode(z)
-        del vae
-        self._stage_done()
-        return torch.from_numpy(to_uint8(image))
+        req = GenerationRequest(prompt=prompt, negative_prompt=negative_prompt, n=n, steps=steps,
+                                guidance_scale=guidance_scale, sampler=sampler, schedule=schedule, seed=seed,
+                                height=height, width=width, callback=callback, eta=eta, order=order,
+                                round_timesteps=round_timesteps)
+        return torch.from_numpy(generate(SDFamily(self), req).images)
