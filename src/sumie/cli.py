@@ -13,7 +13,9 @@ from pathlib import Path
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", default=None, help="named preset (shapes-32, tiny); default shapes-32")
+    from .config import PRESETS
+
+    p.add_argument("--preset", default=None, help=f"named preset ({', '.join(PRESETS)}); default shapes-32")
     p.add_argument("--config", default=None, help="TOML/YAML/JSON file with [model] [diffusion] [data] "
                                                   "[train] [sample] tables, applied over the preset")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
@@ -22,12 +24,15 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the run's sample.steps)")
+    from .diffusion.schedules import SAMPLING_SCHEDULES
+    from .samplers.names import SAMPLER_NAMES
+
+    discrete = ("leading", "linspace", "trailing")
     p.add_argument("--sampler", default=None,
-                   help="euler, euler_ancestral, heun, dpm_2, dpm_2_ancestral, lms, ddim, ddpm, plms, ipndm, deis, "
-                        "dpmpp_2s_ancestral, dpmpp_sde, dpmpp_2m, dpmpp_2m_sde, dpmpp_3m, dpmpp_3m_sde, uni_pc, "
-                        "uni_pc_bh2, restart, lcm; or an A1111 name such as 'DPM++ 2M Karras'")
-    p.add_argument("--schedule", default=None, help="karras, exponential, polyexponential, simple, sgm_uniform, "
-                                                    "beta, ays_gmm, or for discrete models leading/linspace/trailing")
+                   help=f"{', '.join(SAMPLER_NAMES)}; or an A1111 name such as 'DPM++ 2M Karras'")
+    p.add_argument("--schedule", default=None,
+                   help=f"{', '.join(n for n in SAMPLING_SCHEDULES if n not in discrete)}, or for discrete models "
+                        f"{'/'.join(n for n in SAMPLING_SCHEDULES if n in discrete)}")
     p.add_argument("--eta", type=float, default=None, help="noise of the samplers that take it (ddim, the "
                                                            "ancestral and SDE samplers; 0 = deterministic)")
     p.add_argument("--guidance-scale", type=float, default=None, help="classifier-free guidance scale")
@@ -42,8 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description='sumie generate "a red apple" writes sumie.png with the bundled model')
     p.add_argument("prompt", help="what to draw (an empty string draws unconditionally)")
     p.add_argument("--negative-prompt", default="", help="what to steer away from")
-    p.add_argument("--model", default=None, help="run folder, ckpt-* folder or exported model folder "
-                                                 "(default: the bundled emoji-64 model)")
+    p.add_argument("--model", default=None, help="run folder, ckpt-* folder or exported model folder, "
+                                                 "bundled (the default: the bundled emoji-64 model), or a "
+                                                 "Stable Diffusion file or diffusers folder")
     p.add_argument("--out", default="sumie.png", help="PNG to write (with --n > 1: a grid; see --each)")
     p.add_argument("--n", type=int, default=1, help="number of images (image i uses seed + i)")
     p.add_argument("--each", action="store_true", help="with --n > 1, also write OUT-0000.png, ... one per image")
@@ -61,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_args(p)
 
     p = sub.add_parser("export", help="write a run's inference-only model folder (EMA weights in fp16)")
-    p.add_argument("run", help="run folder or ckpt-* folder")
+    p.add_argument("run", help="run folder, ckpt-* folder, exported model folder, or bundled (the bundled model)")
     p.add_argument("out", help="model folder to write (replaced atomically)")
     p.add_argument("--dtype", default="float16", choices=["float16", "float32", "bfloat16"])
     p.add_argument("--card", default=None, metavar="FILE", help="a model card (Markdown) to put beside the weights")
@@ -70,12 +76,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--out", required=True, help="run folder (checkpoints, samples, config.json, log.jsonl)")
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
+    p.add_argument("--overwrite", action="store_true", help="start over in a non-empty --out: deletes the run's "
+                                                            "checkpoints, log and samples first")
     p.add_argument("--max-steps", type=int, default=None)
     p.add_argument("--time-budget", type=float, default=None, help="stop after this many seconds of training")
     p.add_argument("--no-progress", action="store_true")
 
     p = sub.add_parser("sample", help="sample images from a trained run")
-    p.add_argument("run", help="run folder or ckpt-* folder")
+    p.add_argument("run", help="run folder, ckpt-* folder, exported model folder, or bundled (the bundled model)")
     p.add_argument("--n", type=int, default=16)
     p.add_argument("--out", default="grid.png", help="PNG grid to write")
     p.add_argument("--singles", default=None, metavar="DIR", help="also write each image as DIR/NNNN.png")
@@ -144,6 +152,30 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def check_writable(path: str | Path, *, folder: bool = False) -> Path:
+    """Before any work: ``path`` (a file to write, or a folder with ``folder``) can be written, tried
+    with a throw-away file in the nearest existing folder on its way (nothing is left behind)."""
+    import os
+    import tempfile
+
+    path = Path(path)
+    if not folder and path.is_dir():
+        raise ValueError(f"--out {path} is a folder; give a file name to write")
+    where = path if folder else path.parent
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    if not where.is_dir():
+        raise ValueError(f"cannot write {path}: {where} is a file, not a folder; choose another --out")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".sumie-write-check-", dir=where)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ValueError(f"cannot write {path}: {where} is not writable ({e.strerror or type(e).__name__}); "
+                         "choose another --out") from None
+    return path
+
+
 def _labels_for(args, config) -> list[int] | None:
     n_classes = config.model.num_classes
     if n_classes is None:
@@ -204,8 +236,9 @@ def cmd_train(args) -> int:
     from .config import from_dict, resolve
     from .train.loop import train
 
+    check_writable(args.out, folder=True)
     config = _training_config(args, from_dict, resolve, "shapes-32", "run folder")
-    result = train(config, args.out, resume=args.resume, progress=not args.no_progress)
+    result = train(config, args.out, resume=args.resume, progress=not args.no_progress, overwrite=args.overwrite)
     print(f"{result.status} at step {result.step} in {result.elapsed_s:.0f}s of training "
           f"({result.images_per_s:.1f} images/s); checkpoints in {result.run_dir}")
     if result.status == "interrupted":
@@ -220,6 +253,9 @@ def cmd_sample(args) -> int:
 
     if args.n < 1:
         raise ValueError(f"--n must be >= 1, got {args.n}")
+    check_writable(args.out)
+    if args.singles:
+        check_writable(args.singles, folder=True)
     denoiser, config = load_model(args.run, ema=not args.raw)
     s = config.sample
     if config.data.conditioning == "caption":
@@ -255,7 +291,7 @@ def cmd_sample(args) -> int:
 def _add_explain_parsers(esub) -> None:
     e = esub.add_parser("reverse", help="the reverse (denoising) process of one sample: x_sigma and the x0 "
                                         "estimate per step, strip + GIF")
-    e.add_argument("run", help="run folder or ckpt-* folder")
+    e.add_argument("run", help="run folder, ckpt-* folder, exported model folder, or bundled (the bundled model)")
     e.add_argument("--out", default="explain", help="output folder")
     e.add_argument("--label", type=int, default=None, help="class-conditional models: the class to draw")
     e.add_argument("--shape", default=None, help="shapes models: the shape to draw (with --color)")
@@ -268,7 +304,7 @@ def _add_explain_parsers(esub) -> None:
     e.add_argument("run", help="run folder (reads log.jsonl)")
     e.add_argument("--out", default=None, help="output folder (default RUN/curves)")
     e = esub.add_parser("attention", help="text-conditioned models: per-token cross-attention heatmaps for a prompt")
-    e.add_argument("run", help="run folder or ckpt-* folder")
+    e.add_argument("run", help="run folder, ckpt-* folder, exported model folder, or bundled (the bundled model)")
     e.add_argument("--prompt", required=True)
     e.add_argument("--out", default="explain", help="output folder")
     e.add_argument("--scale", type=int, default=4)
@@ -279,8 +315,9 @@ def _add_eval_parser(sub) -> None:
     p = sub.add_parser("eval", help="FD/KID/precision/recall and prompt adherence: image folders, a run, or a sweep",
                        description="sumie eval --generated DIR --reference DIR | sumie eval RUN | "
                                    "sumie eval sweep RUN --steps 10,20 --sampler euler,heun --guidance 1,3")
-    p.add_argument("target", nargs="*", metavar="RUN", help="a run folder to sample from, or `sweep RUN` for a grid "
-                                                            "of settings; none with --generated/--reference")
+    p.add_argument("target", nargs="*", metavar="RUN", help="a run or model folder to sample from (`bundled`: the "
+                                                            "bundled model), or `sweep RUN` for a grid of settings; "
+                                                            "none with --generated/--reference")
     p.add_argument("--generated", default=None, help="folder of generated images")
     p.add_argument("--reference", default=None, help="folder of reference images")
     p.add_argument("--features", default="sumie", choices=["sumie", "inception"],
@@ -313,7 +350,12 @@ def _add_eval_parser(sub) -> None:
 
 def cmd_explain(args) -> int:
     from . import explain
+    from .deps import require
 
+    if args.what in ("curves", "attention"):
+        require(f"sumie explain {args.what}", "matplotlib")
+    if args.out is not None:
+        check_writable(args.out, folder=True)
     if args.what == "forward":
         paths = explain.explain_forward(args.image, args.out, size=args.size, frames=args.frames,
                                         beta_schedule=args.schedule, seed=args.seed)
@@ -348,6 +390,13 @@ def cmd_eval(args) -> int:
 
     weights = args.inception_weights if args.features == "inception" else args.feature_weights
     progress = not args.no_progress
+    if args.target and args.target[0] == "sweep":
+        from .deps import require
+
+        require("sumie eval sweep", "matplotlib")
+        check_writable(args.out or "sweep", folder=True)
+    elif args.out:
+        check_writable(args.out)
     common = dict(features=args.features, weights=weights, k=args.k, kid_subsets=args.kid_subsets,
                   kid_subset_size=args.kid_subset_size, seed=args.seed, progress=progress)
     if not args.target:
@@ -449,6 +498,7 @@ def cmd_generate(args) -> int:
     out = Path(args.out)
     if out.suffix.lower() != ".png":
         raise ValueError(f"--out must name a .png file, got {str(out)!r}")
+    check_writable(out)
     if not args.prompt.strip():
         print("empty prompt: generating unconditionally", file=sys.stderr)
     if is_sd_model(args.model):
@@ -583,6 +633,14 @@ def cmd_bench(args) -> int:
         raise ValueError(f"NFE budgets must be >= 1, got {nfes}")
     if args.samples < 2 or args.sde_samples < 2:
         raise ValueError("--samples and --sde-samples must be >= 2")
+    from .deps import require
+
+    if args.no_diffusers:
+        require("sumie bench samplers (its plot)", "matplotlib")
+    else:
+        require("sumie bench samplers (its plot, and diffusers' schedulers unless --no-diffusers)",
+                "diffusers", "matplotlib")
+    check_writable(args.out, folder=True)
     kw = {}
     if args.quick:
         kw = dict(schedules=("karras", "ays_gmm"), sumie_ode=("euler", "dpmpp_2m", "uni_pc"),
@@ -604,12 +662,16 @@ def cmd_bench(args) -> int:
 def _add_train_vae_parser(sub) -> None:
     p = sub.add_parser("train-vae", help="train a KL autoencoder for latent diffusion; writes RUN/vae and "
                                          "RUN/report.json (latent scale, held-out PSNR)")
-    p.add_argument("--preset", default=None, help="tiny, shapes-f4, emoji-f4, emoji-f8; default tiny")
+    from .train.vae import VAE_PRESETS
+
+    p.add_argument("--preset", default=None, help=f"{', '.join(VAE_PRESETS)}; default tiny")
     p.add_argument("--config", default=None, help="TOML/YAML/JSON file with [vae] [data] [loss] [train] tables")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one value, e.g. --set loss.disc_start=2000 (repeatable)")
     p.add_argument("--out", required=True, help="run folder (checkpoints, vae/, report.json, log.jsonl)")
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
+    p.add_argument("--overwrite", action="store_true", help="start over in a non-empty --out: deletes the run's "
+                                                            "checkpoints, log and samples first")
     p.add_argument("--max-steps", type=int, default=None)
     p.add_argument("--time-budget", type=float, default=None, help="stop after this many seconds of training")
     p.add_argument("--no-progress", action="store_true")
@@ -618,8 +680,10 @@ def _add_train_vae_parser(sub) -> None:
 def cmd_train_vae(args) -> int:
     from .train.vae import resolve_vae_config, train_vae, vae_config_from_dict
 
+    check_writable(args.out, folder=True)
     config = _training_config(args, vae_config_from_dict, resolve_vae_config, "tiny", "train-vae run folder")
-    result = train_vae(config, args.out, resume=args.resume, progress=not args.no_progress)
+    result = train_vae(config, args.out, resume=args.resume, progress=not args.no_progress,
+                       overwrite=args.overwrite)
     r = result.report
     print(f"{result.status} at step {result.step} in {result.elapsed_s:.0f}s of training "
           f"({result.images_per_s:.1f} images/s); held-out PSNR {r['heldout']['psnr_db']:.2f} dB on "
@@ -642,10 +706,12 @@ COMMANDS["train-vae"] = cmd_train_vae
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from .io.checkpoint import CheckpointError
+    from .text.clip_tokenizer import TokenizerError
 
     try:
         return COMMANDS[args.command](args)
-    except (ValueError, FileNotFoundError, CheckpointError, TypeError, FloatingPointError) as e:
+    except (ValueError, FileNotFoundError, CheckpointError, TypeError, FloatingPointError, TokenizerError,
+            PermissionError, IsADirectoryError, NotADirectoryError) as e:
         print(f"sumie: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -22,13 +22,13 @@ import torch
 from .config import RunConfig
 from .diffusion.precond import Denoiser
 from .image import to_uint8
+from .io.checkpoint import BUNDLED_MODEL, resolve_model_path
 from .latent import PixelSpace, Space, decode_samples, load_space
 from .models import load_model, load_text_encoder
 from .pipeline import sample
 from .text.base import TextEncoder
 from .text.small import text_cond
 
-BUNDLED_MODEL = Path(__file__).resolve().parent / "assets" / "emoji-64"
 
 
 @dataclass
@@ -50,9 +50,9 @@ class TextToImage:
 
     @classmethod
     def load(cls, path: str | Path | None = None, device: str | torch.device = "cpu") -> "TextToImage":
-        """A run folder, ``ckpt-*`` folder or exported model folder; None for the bundled model."""
-        if path is None:
-            path = BUNDLED_MODEL
+        """A run folder, ``ckpt-*`` folder or exported model folder; None or ``bundled`` for the bundled model."""
+        path = BUNDLED_MODEL if path is None else resolve_model_path(path)
+        if path == BUNDLED_MODEL:
             if not (path / "config.json").is_file():
                 raise FileNotFoundError(f"the bundled model is not installed in this copy of sumie ({path}); "
                                         "pass --model RUN_DIR (a run trained with a caption preset such as "
