@@ -64,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--width", type=int, default=None, help="Stable Diffusion models: image width")
     p.add_argument("--height", type=int, default=None, help="Stable Diffusion models: image height")
     p.add_argument("--allow-pickle", action="store_true", help="admit .ckpt files (restricted unpickler)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (there is none when stderr is "
+                                                              "not a terminal)")
     _add_sampling_args(p)
 
     p = sub.add_parser("export", help="write a run's inference-only model folder (EMA weights in fp16)")
@@ -206,6 +208,7 @@ def _prompt_conds(args, encoder) -> tuple[dict, dict]:
     prompt = args.prompt or ""
     if not prompt.strip():
         print("empty prompt: generating unconditionally", file=sys.stderr)
+    _warn_ignored_words(encoder, prompt, args.negative_prompt)
     with __import__("torch").no_grad():
         return text_cond(encoder, [prompt] * args.n), text_cond(encoder, [args.negative_prompt] * args.n)
 
@@ -478,10 +481,44 @@ def _generate_sd(args):
         pipe.load_lora(path, strength)
     settings = dict(steps=args.steps or 20, guidance_scale=7.5 if args.guidance_scale is None else args.guidance_scale,
                     sampler=args.sampler or "euler", schedule=args.schedule)
+    from .cost import check_sd_request
+
+    print(check_sd_request(pipe, n=args.n, height=args.height, width=args.width, steps=settings["steps"],
+                           guidance_scale=settings["guidance_scale"], sampler=settings["sampler"]), file=sys.stderr)
     t0 = time.perf_counter()
-    images = pipe(args.prompt, args.negative_prompt, n=args.n, seed=args.seed, height=args.height, width=args.width,
-                  eta=args.eta, **settings)
+    with _progress(args, settings["steps"]) as callback:
+        images = pipe(args.prompt, args.negative_prompt, n=args.n, seed=args.seed, height=args.height,
+                      width=args.width, eta=args.eta, callback=callback, **settings)
     return Generation(images.numpy(), settings, time.perf_counter() - t0), f"{images.shape[2]}x{images.shape[1]}"
+
+
+@__import__("contextlib").contextmanager
+def _progress(args, steps: int):
+    """A sampling-step progress bar on stderr, as in training; none when stderr is not a terminal."""
+    if getattr(args, "no_progress", False) or not sys.stderr.isatty():
+        yield None
+        return
+    from tqdm import tqdm
+
+    bar = tqdm(total=steps, desc="sample", unit="step", dynamic_ncols=True, leave=False)
+
+    def callback(info) -> None:
+        bar.update(max(0, min(steps, info.i + 1) - bar.n))
+
+    try:
+        yield callback
+    finally:
+        bar.close()
+
+
+def _warn_ignored_words(encoder, *prompts: str) -> None:
+    """One warning line naming the words of the prompts the model's vocabulary lacks (read as unknown)."""
+    from .text.small import ignored_words
+
+    words = list(dict.fromkeys(w for p in prompts for w in ignored_words(encoder, p)))
+    if words:
+        print(f"warning: the model does not know {', '.join(map(repr, words))}; ignored (read as one unknown "
+              "word)", file=sys.stderr)
 
 
 def is_sd_model(path: str | None) -> bool:
@@ -508,9 +545,13 @@ def cmd_generate(args) -> int:
             raise ValueError("--lora, --vae, --text-encoder, --width and --height are for Stable Diffusion "
                              "checkpoints (--model FILE.safetensors or a diffusers folder)")
         model = TextToImage.load(args.model)
+        _warn_ignored_words(model.encoder, args.prompt, args.negative_prompt)
         size = f"{model.resolution}x{model.resolution}"
-        g = model(args.prompt, args.negative_prompt, n=args.n, seed=args.seed, steps=args.steps,
-                  sampler=args.sampler, schedule=args.schedule, guidance_scale=args.guidance_scale, eta=args.eta)
+        steps = args.steps if args.steps is not None else model.config.sample.steps
+        with _progress(args, steps) as callback:
+            g = model(args.prompt, args.negative_prompt, n=args.n, seed=args.seed, steps=args.steps,
+                      sampler=args.sampler, schedule=args.schedule, guidance_scale=args.guidance_scale, eta=args.eta,
+                      callback=callback)
     image = g.images[0] if args.n == 1 else make_grid(g.images)
     save_png(out, upscale(image, args.scale))
     written = [out]
@@ -518,9 +559,11 @@ def cmd_generate(args) -> int:
         for i, img in enumerate(g.images):
             written.append(save_png(out.with_name(f"{out.stem}-{i:04d}.png"), upscale(img, args.scale)))
     s = g.settings
-    print(f"wrote {', '.join(map(str, written))} ({args.n} image(s) of {size}, "
-          f"{s['sampler']} {s['steps']} steps, guidance {s['guidance_scale']:g}, seed {args.seed}, "
-          f"{g.seconds:.2f} s)")
+    model_name = args.model or "bundled (emoji-64)"
+    print(f"wrote {', '.join(map(str, written))}: {args.prompt!r}"
+          f"{f' (negative {args.negative_prompt!r})' if args.negative_prompt else ''} with {model_name}; "
+          f"{args.n} image(s) of {size}, {s['sampler']} {s['steps']} steps, guidance {s['guidance_scale']:g}, "
+          f"seed {args.seed}, {g.seconds:.2f} s")
     return 0
 
 
@@ -708,8 +751,13 @@ def main(argv: list[str] | None = None) -> int:
     from .io.checkpoint import CheckpointError
     from .text.clip_tokenizer import TokenizerError
 
+    from .interrupt import prompt_interrupts
+
+    # training turns the first Ctrl-C into a checkpoint at the next step; a second one ends it at once
+    kill_after = 2 if args.command in ("train", "train-vae", "demo") else 1
     try:
-        return COMMANDS[args.command](args)
+        with prompt_interrupts(kill_after):
+            return COMMANDS[args.command](args)
     except (ValueError, FileNotFoundError, CheckpointError, TypeError, FloatingPointError, TokenizerError,
             PermissionError, IsADirectoryError, NotADirectoryError) as e:
         print(f"sumie: error: {e}", file=sys.stderr)
