@@ -178,3 +178,25 @@ def test_unknown_words_are_named_and_the_final_line_says_what_was_drawn(tmp_path
     cap = capsys.readouterr()
     assert "warning: the model does not know 'roof'" in cap.err
     assert "'a red roof'" in cap.out and "bundled" in cap.out and out.is_file()
+
+
+@needs_bundled
+def test_batched_images_equal_single_draws_within_the_stated_tolerance():
+    from sumie.generate import TextToImage
+
+    model = TextToImage.load()
+    batch = model("a red apple", n=3, seed=10, steps=6).images
+    for i in range(3):
+        alone = model("a red apple", n=1, seed=10 + i, steps=6).images[0]
+        d = abs(alone.astype(int) - batch[i].astype(int))
+        assert d.max() <= 2 and (d > 0).mean() < 0.01  # the tolerance generate.py and the README state
+
+
+def test_demo_trains_a_number_of_steps_not_minutes(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--steps", "2", "--no-progress"]) == 0
+    assert "trained 2 steps" in capsys.readouterr().out
+    assert main(["demo", "--out", str(out), "--steps", "3", "--no-progress"]) == 0  # continues the same run
+    assert "trained 3 steps" in capsys.readouterr().out
+    assert main(["demo", "--out", str(out), "--steps", "50", "--minutes", "0", "--no-progress"]) == 0
+    assert "warning: only 3 of 50 steps" in capsys.readouterr().err
