@@ -192,7 +192,17 @@ def test_batched_images_equal_single_draws_within_the_stated_tolerance():
         assert d.max() <= 2 and (d > 0).mean() < 0.01  # the tolerance generate.py and the README state
 
 
-def test_demo_trains_a_number_of_steps_not_minutes(tmp_path, capsys):
+def test_demo_trains_a_number_of_steps_not_minutes(tmp_path, capsys, monkeypatch):
+    import sumie.config as config
+
+    real = config.preset
+
+    def cheap(name):  # the demo's own recipe, sampled with 2 steps to keep the test short
+        cfg = real(name)
+        cfg.sample.steps = 2
+        return cfg
+
+    monkeypatch.setattr(config, "preset", cheap)
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--steps", "2", "--no-progress"]) == 0
     assert "trained 2 steps" in capsys.readouterr().out
