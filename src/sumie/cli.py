@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -496,7 +497,7 @@ def _generate_sd(args):
     return Generation(images.numpy(), settings, time.perf_counter() - t0), f"{images.shape[2]}x{images.shape[1]}"
 
 
-@__import__("contextlib").contextmanager
+@contextmanager
 def _progress(args, steps: int):
     """A sampling-step progress bar on stderr, as in training; none when stderr is not a terminal."""
     if getattr(args, "no_progress", False) or not sys.stderr.isatty():
