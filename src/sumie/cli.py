@@ -115,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bench_parser(sub)
     _add_train_vae_parser(sub)
 
-    p = sub.add_parser("demo", help="train on the built-in shapes data (about 5 minutes on 2 cores), then sample")
+    p = sub.add_parser("demo", help="train on the built-in shapes data (2,500 steps: 5-10 minutes on 2 cores), then sample")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--steps", type=int, default=DEMO_STEPS,
                    help=f"training steps (default {DEMO_STEPS}); the result depends on these, not on the machine's "
