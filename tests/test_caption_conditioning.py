@@ -136,12 +136,12 @@ def test_cli_samples_a_prompt_and_rejects_labels(text_config, tmp_path):
     train(text_config, tmp_path / "run", progress=False)
     run = [sys.executable, "-m", "sumie.cli", "sample", str(tmp_path / "run"), "--n", "2", "--steps", "2"]
     res = subprocess.run(run + ["--prompt", "a red circle", "--out", str(tmp_path / "g.png")],
-                         capture_output=True, text=True, timeout=120)
+                         capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr
     assert (tmp_path / "g.png").is_file()
-    res = subprocess.run(run + ["--out", str(tmp_path / "u.png")], capture_output=True, text=True, timeout=120)
+    res = subprocess.run(run + ["--out", str(tmp_path / "u.png")], capture_output=True, text=True, timeout=600)
     assert res.returncode == 0 and "unconditionally" in res.stderr
-    res = subprocess.run(run + ["--shape", "circle", "--color", "red"], capture_output=True, text=True, timeout=120)
+    res = subprocess.run(run + ["--shape", "circle", "--color", "red"], capture_output=True, text=True, timeout=600)
     assert res.returncode == 2 and "--prompt" in res.stderr and "Traceback" not in res.stderr
 
 

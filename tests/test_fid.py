@@ -155,3 +155,22 @@ def test_bad_features_rejected():
         kid(bad, bad)
     with pytest.raises(ValueError, match=r"\(N, D\)"):
         frechet_distance(np.zeros(10), np.zeros(10))
+
+
+def test_kid_of_whole_sets_reports_its_spread_and_scatters_around_zero():
+    # sumie-feature-like scale (128-d, post-ReLU, norm ~15): one distribution, 256 images per set, as
+    # `sumie eval` does; the unbiased estimate is negative about half the time, within its reported std
+    rng = np.random.default_rng(0)
+
+    def draw(n, shift=0.0):
+        return np.maximum(rng.normal(0.8 + shift, 1.1, (n, 128)), 0)
+
+    results = [kid(draw(256), draw(256)) for _ in range(12)]
+    assert all(r.subsets == 1 and r.subset_size == 256 and r.std > 0 for r in results)
+    means = np.array([r.mean for r in results])
+    std = float(np.mean([r.std for r in results]))
+    assert (means < 0).any() and (means > 0).any()
+    assert abs(means.mean()) < 3 * std / np.sqrt(len(means))  # unbiased: centred on 0
+    assert np.std(means) == pytest.approx(std, rel=0.6)  # the reported std is the actual spread
+    other = kid(draw(256), draw(256, shift=0.3))
+    assert other.mean > 3 * other.std

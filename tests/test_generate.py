@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
+from sumie.io import checkpoint
 from sumie import generate as gen
 from sumie.cli import main
 from sumie.config import preset
@@ -90,7 +91,7 @@ def test_generate_refuses_class_models_and_a_missing_bundle(tmp_path, tiny_confi
     train(tiny_config, tmp_path / "cls", progress=False, max_steps=2)
     assert main(["generate", "a red circle", "--model", str(tmp_path / "cls"), "--out", str(tmp_path / "o.png")]) == 2
     assert "not a text-to-image model" in capsys.readouterr().err
-    monkeypatch.setattr(gen, "BUNDLED_MODEL", tmp_path / "nowhere")
+    monkeypatch.setattr(checkpoint, "BUNDLED_MODEL", tmp_path / "nowhere")
     assert main(["generate", "a red circle", "--out", str(tmp_path / "o.png")]) == 2
     assert "bundled model is not installed" in capsys.readouterr().err
 

@@ -12,6 +12,8 @@ from sumie.io.checkpoint import latest_checkpoint, list_checkpoints, load_tensor
 from sumie.models import load_model
 from sumie.train.loop import Trainer, TrainingDiverged, train
 
+from conftest import WAIT_S, wait_for
+
 
 def test_loss_falls_on_a_tiny_run(tiny_config, tmp_path):
     tiny_config.train.max_steps = 120
@@ -66,36 +68,29 @@ def _cli(*args):
     return [sys.executable, "-m", "sumie.cli", *args]
 
 
-def _wait_for(pred, timeout=60.0):
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        if pred():
-            return True
-        time.sleep(0.05)
-    return False
-
-
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_signal_saves_state_and_resume_continues(tmp_path, sig):
+def test_signal_saves_state_and_resume_continues(tmp_path, sig, spawn):
     run = tmp_path / "run"
-    proc = subprocess.Popen(_cli("train", "--preset", "tiny", "--out", str(run), "--no-progress",
-                                 "--set", "train.max_steps=100000", "--set", "train.ckpt_every=1000"),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    assert _wait_for(lambda: (run / "log.jsonl").is_file() and (run / "log.jsonl").stat().st_size > 0)
+    proc = spawn(_cli("train", "--preset", "tiny", "--out", str(run), "--no-progress",
+                      "--set", "train.max_steps=100000", "--set", "train.ckpt_every=1000"),
+                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert wait_for(lambda: proc.poll() is not None or
+                    ((run / "log.jsonl").is_file() and (run / "log.jsonl").stat().st_size > 0))
+    assert proc.poll() is None, proc.communicate()[0]
     proc.send_signal(sig)
-    out, _ = proc.communicate(timeout=60)
+    out, _ = proc.communicate(timeout=WAIT_S)
     assert proc.returncode == 0, out
     assert "interrupted" in out and "--resume" in out
     ckpt = latest_checkpoint(run)
     step = int(ckpt.name.split("-")[1])
     assert step >= 10
     res = subprocess.run(_cli("train", "--out", str(run), "--resume", "--no-progress", "--max-steps", str(step + 3)),
-                         capture_output=True, text=True, timeout=120)
+                         capture_output=True, text=True, timeout=WAIT_S)
     assert res.returncode == 0, res.stderr
     assert latest_checkpoint(run).name == f"ckpt-{step + 3:07d}"
 
 
-def test_kill_during_save_never_leaves_a_broken_checkpoint(tmp_path):
+def test_kill_during_save_never_leaves_a_broken_checkpoint(tmp_path, spawn):
     run = tmp_path / "run"
     rng = np.random.default_rng(0)
     for attempt in range(3):
@@ -106,10 +101,11 @@ def test_kill_during_save_never_leaves_a_broken_checkpoint(tmp_path):
         else:
             args += ["--resume"]
 
-        proc = subprocess.Popen(_cli(*args), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = spawn(_cli(*args), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         # wait for new checkpoints to appear, then SIGKILL at a random instant (usually mid-save)
-        assert _wait_for(lambda: latest_checkpoint(run) is not None and
-                         int(latest_checkpoint(run).name[5:]) >= 3 * (attempt + 1), timeout=90)
+        assert wait_for(lambda: proc.poll() is not None or (latest_checkpoint(run) is not None and
+                        int(latest_checkpoint(run).name[5:]) >= 3 * (attempt + 1)))
+        assert proc.poll() is None, f"training ended early (exit {proc.returncode})"
         time.sleep(float(rng.uniform(0, 0.05)))
         proc.kill()
         proc.wait()
@@ -120,7 +116,7 @@ def test_kill_during_save_never_leaves_a_broken_checkpoint(tmp_path):
     # resuming after a SIGKILL works and cleans stale temporary folders
     res = subprocess.run(_cli("train", "--out", str(run), "--resume", "--no-progress", "--set",
                               "train.ckpt_every=1", "--max-steps", str(int(latest_checkpoint(run).name[5:]) + 1)),
-                         capture_output=True, text=True, timeout=120)
+                         capture_output=True, text=True, timeout=WAIT_S)
     assert res.returncode == 0, res.stderr
     assert not list(run.glob("ckpt-*.tmp-*"))
 
@@ -144,7 +140,7 @@ def test_missing_or_empty_data_folder_is_a_clear_cli_error(tmp_path):
     for path, msg in ((tmp_path / "nope", "nope"), (tmp_path, "no usable images")):
         res = subprocess.run(_cli("train", "--preset", "tiny", "--out", str(tmp_path / "r"), "--no-progress",
                                   "--set", "data.kind=folder", "--set", f"data.path={path}"),
-                             capture_output=True, text=True, timeout=60)
+                             capture_output=True, text=True, timeout=WAIT_S)
         assert res.returncode == 2 and "sumie: error:" in res.stderr and "Traceback" not in res.stderr
 
 
@@ -294,3 +290,46 @@ def test_ema_averages_every_parameter_and_follows_a_moved_model():
     assert torch.equal(ema.shadow[1].running_mean, torch.full((3,), -2.0))
     assert all(torch.isfinite(s).all() and s.dtype == torch.float32 for s in ema.shadow.parameters())
     assert all((s - 3.0).abs().max() < (b - 3.0).abs().max() for s, b in zip(ema.shadow.parameters(), before))
+
+
+def test_a_non_empty_run_folder_needs_resume_or_overwrite(tiny_config, tmp_path):
+    tiny_config.train.max_steps = 2
+    train(tiny_config, tmp_path / "run", progress=False)
+    with pytest.raises(ValueError, match="not empty.*--resume.*--overwrite"):
+        train(tiny_config, tmp_path / "run", progress=False)
+    (tmp_path / "run" / "notes.txt").write_text("mine")
+    res = train(tiny_config, tmp_path / "run", progress=False, overwrite=True, max_steps=1)
+    assert res.step == 1 and [c.name for c in list_checkpoints(tmp_path / "run")] == ["ckpt-0000001"]
+    assert (tmp_path / "run" / "notes.txt").read_text() == "mine"  # only the run's own files are deleted
+    assert len((tmp_path / "run" / "log.jsonl").read_text().splitlines()) == 1
+    res = subprocess.run(_cli("train", "--preset", "tiny", "--out", str(tmp_path / "run"), "--no-progress"),
+                         capture_output=True, text=True, timeout=WAIT_S)
+    assert res.returncode == 2 and "--overwrite" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_resume_after_a_kill_truncates_the_log_to_the_checkpoint(tiny_config, tmp_path):
+    tiny_config.train.log_every = 1
+    tiny_config.train.ckpt_every = 5
+    train(tiny_config, tmp_path / "run", progress=False, max_steps=8)
+    # as after kill -9 at step 8: the newest checkpoint is step 5, the log goes on to step 8 (and a torn line)
+    import shutil
+
+    shutil.rmtree(tmp_path / "run" / "ckpt-0000008")
+    with open(tmp_path / "run" / "log.jsonl", "a") as f:
+        f.write('{"step": 9, "lo')
+    train(tiny_config, tmp_path / "run", resume=True, progress=False, max_steps=10)
+    import json
+
+    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 11))
+
+
+def test_train_help_lists_every_preset():
+    from sumie.cli import build_parser
+    from sumie.config import PRESETS
+    from sumie.train.vae import VAE_PRESETS
+
+    sub = build_parser()._subparsers._group_actions[0].choices
+    for command, names in (("train", PRESETS), ("train-vae", VAE_PRESETS)):
+        (text,) = [a.help for a in sub[command]._actions if "--preset" in a.option_strings]
+        assert all(name in text for name in names), (command, text)

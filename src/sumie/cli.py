@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", default=None, help="named preset (shapes-32, tiny); default shapes-32")
+    from .config import PRESETS
+
+    p.add_argument("--preset", default=None, help=f"named preset ({', '.join(PRESETS)}); default shapes-32")
     p.add_argument("--config", default=None, help="TOML/YAML/JSON file with [model] [diffusion] [data] "
                                                   "[train] [sample] tables, applied over the preset")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
@@ -22,10 +25,13 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the run's sample.steps)")
+    from .diffusion.schedules import SAMPLING_SCHEDULES
     from .samplers.registry import sampler_help
     p.add_argument("--sampler", default=None, help=sampler_help())
-    p.add_argument("--schedule", default=None, help="karras, exponential, polyexponential, simple, sgm_uniform, "
-                                                    "beta, ays_gmm, or for discrete models leading/linspace/trailing")
+    discrete = ("leading", "linspace", "trailing")
+    p.add_argument("--schedule", default=None,
+                   help=f"{', '.join(n for n in SAMPLING_SCHEDULES if n not in discrete)}, or for discrete models "
+                        f"{'/'.join(n for n in SAMPLING_SCHEDULES if n in discrete)}")
     p.add_argument("--eta", type=float, default=None, help="noise of the samplers that take it (ddim, the "
                                                            "ancestral and SDE samplers; 0 = deterministic)")
     p.add_argument("--guidance-scale", type=float, default=None, help="classifier-free guidance scale")
@@ -49,8 +55,9 @@ def _add_generation_parsers(sub) -> None:
         p = sub.add_parser(name, help=help_, description=desc)
         p.add_argument("prompt", help="what to draw (an empty string draws unconditionally)")
         p.add_argument("--negative-prompt", default="", help="what to steer away from")
-        p.add_argument("--model", default=None, help="run folder, ckpt-* folder, exported model folder, or a Stable "
-                                                     "Diffusion file / diffusers folder (default: the bundled model)")
+        p.add_argument("--model", default=None, help="run folder, ckpt-* folder, exported model folder, bundled (the "
+                                                     "default: the bundled emoji-64 model), or a Stable Diffusion "
+                                                     "file / diffusers folder")
         p.add_argument("--out", default="sumie.png", help="PNG to write (with --n > 1: a grid; see --each)")
         p.add_argument("--n", type=int, default=1, help="number of images (image i uses seed + i)")
         p.add_argument("--each", action="store_true", help="with --n > 1, also write OUT-0000.png, ... one per image")
@@ -71,6 +78,8 @@ def _add_generation_parsers(sub) -> None:
                                                               "model's resolution)")
         p.add_argument("--height", type=int, default=None, help="image height")
         p.add_argument("--allow-pickle", action="store_true", help="admit .ckpt files (restricted unpickler)")
+        p.add_argument("--no-progress", action="store_true", help="no progress bar (there is none when stderr is "
+                                                                  "not a terminal)")
         _add_sampling_args(p)
         if name == "generate":
             continue
@@ -110,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generation_parsers(sub)
 
     p = sub.add_parser("export", help="write a run's inference-only model folder (EMA weights in fp16)")
-    p.add_argument("run", help="run folder or ckpt-* folder")
+    p.add_argument("run", help="run folder, ckpt-* folder, exported model folder, or bundled (the bundled model)")
     p.add_argument("out", help="model folder to write (replaced atomically)")
     p.add_argument("--dtype", default="float16", choices=["float16", "float32", "bfloat16"])
     p.add_argument("--card", default=None, metavar="FILE", help="a model card (Markdown) to put beside the weights")
@@ -119,12 +128,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--out", required=True, help="run folder (checkpoints, samples, config.json, log.jsonl)")
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
+    p.add_argument("--overwrite", action="store_true", help="start over in a non-empty --out: deletes the run's "
+                                                            "checkpoints, log and samples first")
     p.add_argument("--max-steps", type=int, default=None)
     p.add_argument("--time-budget", type=float, default=None, help="stop after this many seconds of training")
     p.add_argument("--no-progress", action="store_true")
 
     p = sub.add_parser("sample", help="sample images from a trained run")
-    p.add_argument("run", help="run folder or ckpt-* folder")
+    p.add_argument("run", help="run folder, ckpt-* folder, exported model folder, or bundled (the bundled model)")
     p.add_argument("--n", type=int, default=16)
     p.add_argument("--out", default="grid.png", help="PNG grid to write")
     p.add_argument("--singles", default=None, metavar="DIR", help="also write each image as DIR/NNNN.png")
@@ -153,9 +164,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bench_parser(sub)
     _add_train_vae_parser(sub)
 
-    p = sub.add_parser("demo", help="train on the built-in shapes data for a few minutes, then sample")
+    p = sub.add_parser("demo", help="train on the built-in shapes data (2,500 steps: 5-10 minutes on 2 cores), then sample")
     p.add_argument("--out", default="runs/demo")
-    p.add_argument("--minutes", type=float, default=5.0)
+    p.add_argument("--steps", type=int, default=DEMO_STEPS,
+                   help=f"training steps (default {DEMO_STEPS}); the result depends on these, not on the machine's "
+                        "speed; a second run continues the same folder")
+    p.add_argument("--minutes", type=float, default=None,
+                   help="stop earlier after this many minutes of training (a warning then says how far it got)")
     p.add_argument("--no-progress", action="store_true")
 
     p = sub.add_parser("convert", help="convert Stable Diffusion weights between single-file, diffusers and sumie layouts")
@@ -191,6 +206,30 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--max-objects", type=int, default=1)
     d.add_argument("--seed", type=int, default=0)
     return ap
+
+
+def check_writable(path: str | Path, *, folder: bool = False) -> Path:
+    """Before any work: ``path`` (a file to write, or a folder with ``folder``) can be written, tried
+    with a throw-away file in the nearest existing folder on its way (nothing is left behind)."""
+    import os
+    import tempfile
+
+    path = Path(path)
+    if not folder and path.is_dir():
+        raise ValueError(f"--out {path} is a folder; give a file name to write")
+    where = path if folder else path.parent
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    if not where.is_dir():
+        raise ValueError(f"cannot write {path}: {where} is a file, not a folder; choose another --out")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".sumie-write-check-", dir=where)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ValueError(f"cannot write {path}: {where} is not writable ({e.strerror or type(e).__name__}); "
+                         "choose another --out") from None
+    return path
 
 
 def _labels_for(args, config) -> list[int] | None:
@@ -239,8 +278,9 @@ def cmd_train(args) -> int:
     from .config import from_dict, resolve
     from .train.loop import train
 
+    check_writable(args.out, folder=True)
     config = _training_config(args, from_dict, resolve, "shapes-32", "run folder")
-    result = train(config, args.out, resume=args.resume, progress=not args.no_progress)
+    result = train(config, args.out, resume=args.resume, progress=not args.no_progress, overwrite=args.overwrite)
     print(f"{result.status} at step {result.step} in {result.elapsed_s:.0f}s of training "
           f"({result.images_per_s:.1f} images/s); checkpoints in {result.run_dir}")
     if result.status == "interrupted":
@@ -254,6 +294,9 @@ def cmd_sample(args) -> int:
 
     if args.n < 1:
         raise ValueError(f"--n must be >= 1, got {args.n}")
+    check_writable(args.out)
+    if args.singles:
+        check_writable(args.singles, folder=True)
     family = SumieFamily.load(args.run, ema=not args.raw)
     req = GenerationRequest(n=args.n, seed=args.seed, steps=args.steps, sampler=args.sampler, schedule=args.schedule,
                             guidance_scale=args.guidance_scale, eta=args.eta)
@@ -264,6 +307,7 @@ def cmd_sample(args) -> int:
         req.prompt, req.negative_prompt = args.prompt or "", args.negative_prompt
         if not req.prompt.strip():
             print("empty prompt: generating unconditionally", file=sys.stderr)
+        _warn_ignored_words(family.encoder, req.prompt, req.negative_prompt)
     else:
         if args.prompt:
             raise ValueError("this model has no text encoder; use --label or --shape/--color instead of --prompt")
@@ -281,7 +325,7 @@ def cmd_sample(args) -> int:
 def _add_explain_parsers(esub) -> None:
     e = esub.add_parser("reverse", help="the reverse (denoising) process of one sample: x_sigma and the x0 "
                                         "estimate per step, strip + GIF")
-    e.add_argument("run", help="run folder or ckpt-* folder")
+    e.add_argument("run", help="run folder, ckpt-* folder, exported model folder, or bundled (the bundled model)")
     e.add_argument("--out", default="explain", help="output folder")
     e.add_argument("--label", type=int, default=None, help="class-conditional models: the class to draw")
     e.add_argument("--shape", default=None, help="shapes models: the shape to draw (with --color)")
@@ -294,7 +338,7 @@ def _add_explain_parsers(esub) -> None:
     e.add_argument("run", help="run folder (reads log.jsonl)")
     e.add_argument("--out", default=None, help="output folder (default RUN/curves)")
     e = esub.add_parser("attention", help="text-conditioned models: per-token cross-attention heatmaps for a prompt")
-    e.add_argument("run", help="run folder or ckpt-* folder")
+    e.add_argument("run", help="run folder, ckpt-* folder, exported model folder, or bundled (the bundled model)")
     e.add_argument("--prompt", required=True)
     e.add_argument("--out", default="explain", help="output folder")
     e.add_argument("--scale", type=int, default=4)
@@ -305,8 +349,9 @@ def _add_eval_parser(sub) -> None:
     p = sub.add_parser("eval", help="FD/KID/precision/recall and prompt adherence: image folders, a run, or a sweep",
                        description="sumie eval --generated DIR --reference DIR | sumie eval RUN | "
                                    "sumie eval sweep RUN --steps 10,20 --sampler euler,heun --guidance 1,3")
-    p.add_argument("target", nargs="*", metavar="RUN", help="a run folder to sample from, or `sweep RUN` for a grid "
-                                                            "of settings; none with --generated/--reference")
+    p.add_argument("target", nargs="*", metavar="RUN", help="a run or model folder to sample from (`bundled`: the "
+                                                            "bundled model), or `sweep RUN` for a grid of settings; "
+                                                            "none with --generated/--reference")
     p.add_argument("--generated", default=None, help="folder of generated images")
     p.add_argument("--reference", default=None, help="folder of reference images")
     p.add_argument("--features", default="sumie", choices=["sumie", "inception"],
@@ -339,7 +384,12 @@ def _add_eval_parser(sub) -> None:
 
 def cmd_explain(args) -> int:
     from . import explain
+    from .deps import require
 
+    if args.what in ("curves", "attention"):
+        require(f"sumie explain {args.what}", "matplotlib")
+    if args.out is not None:
+        check_writable(args.out, folder=True)
     if args.what == "forward":
         paths = explain.explain_forward(args.image, args.out, size=args.size, frames=args.frames,
                                         beta_schedule=args.schedule, seed=args.seed)
@@ -374,6 +424,13 @@ def cmd_eval(args) -> int:
 
     weights = args.inception_weights if args.features == "inception" else args.feature_weights
     progress = not args.no_progress
+    if args.target and args.target[0] == "sweep":
+        from .deps import require
+
+        require("sumie eval sweep", "matplotlib")
+        check_writable(args.out or "sweep", folder=True)
+    elif args.out:
+        check_writable(args.out)
     common = dict(features=args.features, weights=weights, k=args.k, kid_subsets=args.kid_subsets,
                   kid_subset_size=args.kid_subset_size, seed=args.seed, progress=progress)
     if not args.target:
@@ -463,6 +520,35 @@ def request_from_args(args):
     return req
 
 
+@contextmanager
+def _progress(args, steps: int):
+    """A sampling-step progress bar on stderr, as in training; none when stderr is not a terminal."""
+    if getattr(args, "no_progress", False) or not sys.stderr.isatty():
+        yield None
+        return
+    from tqdm import tqdm
+
+    bar = tqdm(total=steps, desc="sample", unit="step", dynamic_ncols=True, leave=False)
+
+    def callback(info) -> None:
+        bar.update(max(0, min(steps, info.i + 1) - bar.n))
+
+    try:
+        yield callback
+    finally:
+        bar.close()
+
+
+def _warn_ignored_words(encoder, *prompts: str) -> None:
+    """One warning line naming the words of the prompts the model's vocabulary lacks (read as unknown)."""
+    from .text.small import ignored_words
+
+    words = list(dict.fromkeys(w for p in prompts for w in ignored_words(encoder, p)))
+    if words:
+        print(f"warning: the model does not know {', '.join(map(repr, words))}; ignored (read as one unknown "
+              "word)", file=sys.stderr)
+
+
 def cmd_generate(args) -> int:
     """generate, img2img, inpaint, outpaint: one request, one pipeline (sumie.generation)."""
     from .generation import generate, load_family
@@ -473,6 +559,7 @@ def cmd_generate(args) -> int:
     out = Path(args.out)
     if out.suffix.lower() != ".png":
         raise ValueError(f"--out must name a .png file, got {str(out)!r}")
+    check_writable(out)
     if not args.prompt.strip():
         print("empty prompt: generating unconditionally", file=sys.stderr)
     req = request_from_args(args)
@@ -480,10 +567,21 @@ def cmd_generate(args) -> int:
     sd_options = dict(vae=args.vae, tokenizer=args.tokenizer, allow_pickle=args.allow_pickle, prediction=args.prediction,
                       text_encoders=_parse_text_encoders(args.text_encoder), loras=[_parse_lora(s) for s in args.lora])
     family = load_family(args.model, **sd_options)
-    if hasattr(family, "pipe"):  # Stable Diffusion: which prediction target, and why
+    steps = req.steps or family.defaults.steps
+    if hasattr(family, "pipe"):  # Stable Diffusion: which prediction target, and why; the cost, before the work
+        from .cost import check_sd_request
+
         ck = family.pipe.checkpoint
         print(f"{ck.family.title}: {ck.notes[1]}")
-    g = generate(family, req)
+        print(check_sd_request(family.pipe, n=args.n, height=args.height, width=args.width, steps=steps,
+                               guidance_scale=family.defaults.guidance_scale if req.guidance_scale is None
+                               else req.guidance_scale, sampler=req.sampler or family.defaults.sampler),
+              file=sys.stderr)
+    else:
+        _warn_ignored_words(family.encoder, args.prompt, args.negative_prompt)
+    with _progress(args, steps) as callback:
+        req.callback = callback
+        g = generate(family, req)
     for note in g.notes:
         print(f"note: {note}", file=sys.stderr)
     image = g.images[0] if len(g.images) == 1 else make_grid(g.images)
@@ -495,9 +593,11 @@ def cmd_generate(args) -> int:
     s = g.settings
     size = f"{g.images.shape[2]}x{g.images.shape[1]}"
     what = "" if s["mode"] == "txt2img" else f"{s['mode']} at strength {s['strength']:g}, "
-    print(f"wrote {', '.join(map(str, written))} ({len(g.images)} image(s) of {size}, {what}"
-          f"{s['sampler']} {s['steps']} steps, guidance {s['guidance_scale']:g}, seed {args.seed}, "
-          f"{g.seconds:.2f} s)")
+    model_name = args.model or "bundled (emoji-64)"
+    print(f"wrote {', '.join(map(str, written))}: {args.prompt!r}"
+          f"{f' (negative {args.negative_prompt!r})' if args.negative_prompt else ''} with {model_name}; "
+          f"{len(g.images)} image(s) of {size}, {what}{s['sampler']} {s['steps']} steps, "
+          f"guidance {s['guidance_scale']:g}, seed {args.seed}, {g.seconds:.2f} s")
     return 0
 
 
@@ -515,21 +615,42 @@ def cmd_export(args) -> int:
     return 0
 
 
+# shapes-32 draws recognisable shapes from ~2,500 steps (82% verifier acceptance; README, Training vs diffusers)
+DEMO_STEPS = 2500
+
+
 def cmd_demo(args) -> int:
     from .config import preset
     from .image import make_grid, save_png, to_uint8, upscale
     from .models import load_model
     from .pipeline import class_cond, sample
+    from .io.checkpoint import latest_checkpoint
     from .train.loop import train
 
+    if args.steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {args.steps}")
     config = preset("shapes-32")
-    config.train.time_budget_s = args.minutes * 60
-    config.train.max_steps = 10**9
+    config.train.time_budget_s = args.minutes * 60 if args.minutes is not None else None
+    config.train.max_steps = args.steps
     config.train.sample_every = 0
     out = Path(args.out)
-    print(f"training a class-conditional shapes model for {args.minutes:g} minutes into {out} ...")
-    result = train(config, out, resume=(out / "config.json").exists() and any(out.glob("ckpt-*")),
-                   progress=not args.no_progress)
+    check_writable(out, folder=True)
+    resume = latest_checkpoint(out) is not None
+    budget = f" (at most {args.minutes:g} minutes)" if args.minutes is not None else ""
+    print(f"training a class-conditional shapes model for {args.steps} steps{budget} into {out} ...")
+    if resume:
+        from .config import from_dict
+        from .io.checkpoint import read_json
+
+        config = from_dict(read_json(out / "config.json"))
+        config.train.max_steps, config.train.time_budget_s = args.steps, None
+        if args.minutes is not None:  # the budget counts this run's minutes on top of the time already trained
+            config.train.time_budget_s = read_json(latest_checkpoint(out) / "state.json")["elapsed_s"] + args.minutes * 60
+    # the demo's own folder: a run without a checkpoint (killed early) is started over
+    result = train(config, out, resume=resume, overwrite=not resume, progress=not args.no_progress)
+    if result.step < args.steps:
+        print(f"warning: only {result.step} of {args.steps} steps were trained in the time given; the samples "
+              f"will be poor. Run `sumie demo --out {out}` again to continue.", file=sys.stderr)
     denoiser, config = load_model(out)
     n = config.model.num_classes
     s = config.sample
@@ -610,6 +731,14 @@ def cmd_bench(args) -> int:
         raise ValueError(f"NFE budgets must be >= 1, got {nfes}")
     if args.samples < 2 or args.sde_samples < 2:
         raise ValueError("--samples and --sde-samples must be >= 2")
+    from .deps import require
+
+    if args.no_diffusers:
+        require("sumie bench samplers (its plot)", "matplotlib")
+    else:
+        require("sumie bench samplers (its plot, and diffusers' schedulers unless --no-diffusers)",
+                "diffusers", "matplotlib")
+    check_writable(args.out, folder=True)
     kw = {}
     if args.quick:
         kw = dict(schedules=("karras", "ays_gmm"), sumie_ode=("euler", "dpmpp_2m", "uni_pc"),
@@ -631,12 +760,16 @@ def cmd_bench(args) -> int:
 def _add_train_vae_parser(sub) -> None:
     p = sub.add_parser("train-vae", help="train a KL autoencoder for latent diffusion; writes RUN/vae and "
                                          "RUN/report.json (latent scale, held-out PSNR)")
-    p.add_argument("--preset", default=None, help="tiny, shapes-f4, emoji-f4, emoji-f8; default tiny")
+    from .train.vae import VAE_PRESETS
+
+    p.add_argument("--preset", default=None, help=f"{', '.join(VAE_PRESETS)}; default tiny")
     p.add_argument("--config", default=None, help="TOML/YAML/JSON file with [vae] [data] [loss] [train] tables")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one value, e.g. --set loss.disc_start=2000 (repeatable)")
     p.add_argument("--out", required=True, help="run folder (checkpoints, vae/, report.json, log.jsonl)")
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
+    p.add_argument("--overwrite", action="store_true", help="start over in a non-empty --out: deletes the run's "
+                                                            "checkpoints, log and samples first")
     p.add_argument("--max-steps", type=int, default=None)
     p.add_argument("--time-budget", type=float, default=None, help="stop after this many seconds of training")
     p.add_argument("--no-progress", action="store_true")
@@ -645,8 +778,10 @@ def _add_train_vae_parser(sub) -> None:
 def cmd_train_vae(args) -> int:
     from .train.vae import resolve_vae_config, train_vae, vae_config_from_dict
 
+    check_writable(args.out, folder=True)
     config = _training_config(args, vae_config_from_dict, resolve_vae_config, "tiny", "train-vae run folder")
-    result = train_vae(config, args.out, resume=args.resume, progress=not args.no_progress)
+    result = train_vae(config, args.out, resume=args.resume, progress=not args.no_progress,
+                       overwrite=args.overwrite)
     r = result.report
     print(f"{result.status} at step {result.step} in {result.elapsed_s:.0f}s of training "
           f"({result.images_per_s:.1f} images/s); held-out PSNR {r['heldout']['psnr_db']:.2f} dB on "
@@ -669,10 +804,17 @@ COMMANDS["train-vae"] = cmd_train_vae
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from .io.checkpoint import CheckpointError
+    from .text.clip_tokenizer import TokenizerError
 
+    from .interrupt import prompt_interrupts
+
+    # training turns the first Ctrl-C into a checkpoint at the next step; a second one ends it at once
+    kill_after = 2 if args.command in ("train", "train-vae", "demo") else 1
     try:
-        return COMMANDS[args.command](args)
-    except (ValueError, FileNotFoundError, CheckpointError, TypeError, FloatingPointError) as e:
+        with prompt_interrupts(kill_after):
+            return COMMANDS[args.command](args)
+    except (ValueError, FileNotFoundError, CheckpointError, TypeError, FloatingPointError, TokenizerError,
+            PermissionError, IsADirectoryError, NotADirectoryError) as e:
         print(f"sumie: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

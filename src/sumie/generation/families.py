@@ -72,14 +72,14 @@ class SumieFamily:
     @classmethod
     def load(cls, path: str | Path | None = None, *, ema: bool = True, device: str | torch.device = "cpu"
              ) -> "SumieFamily":
-        """A run folder, ``ckpt-*`` folder or exported model folder (None: the bundled model)."""
+        """A run folder, ``ckpt-*`` folder or exported model folder (None or ``bundled``: the bundled model)."""
         from ..latent import load_space
         from ..models import load_model, load_text_encoder
 
-        if path is None:
-            from ..generate import BUNDLED_MODEL
+        from ..io.checkpoint import BUNDLED_MODEL, resolve_model_path
 
-            path = BUNDLED_MODEL
+        path = BUNDLED_MODEL if path is None else resolve_model_path(path)  # "bundled" names it too
+        if path == BUNDLED_MODEL:
             if not (path / "config.json").is_file():
                 raise FileNotFoundError(f"the bundled model is not installed in this copy of sumie ({path}); "
                                         "pass --model RUN_DIR (a run trained with a caption preset such as "

@@ -31,6 +31,9 @@ CKPT_RE = re.compile(r"^ckpt-(\d+)$")
 REQUIRED = ("model.safetensors", "ema.safetensors", "state.safetensors", "state.json", "config.json")
 MODEL_FILES = ("config.json", "ema.safetensors")  # what an exported (inference-only) model folder holds
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
+# the model shipped in the package, accepted by name wherever a model folder is
+BUNDLED_NAME = "bundled"
+BUNDLED_MODEL = Path(__file__).resolve().parent.parent / "assets" / "emoji-64"
 
 
 class CheckpointError(RuntimeError):
@@ -224,9 +227,18 @@ def prune_checkpoints(run_dir: str | Path, keep: int) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
+def resolve_model_path(path: str | Path) -> Path:
+    """``bundled`` (when no file or folder of that name is here) -> the bundled model's folder; any
+    other path unchanged."""
+    if str(path) == BUNDLED_NAME and not Path(path).exists():
+        return BUNDLED_MODEL
+    return Path(path)
+
+
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A run folder (-> its newest checkpoint) or a checkpoint folder -> checkpoint folder."""
-    path = Path(path)
+    """A run folder (-> its newest checkpoint), a checkpoint folder, an exported model folder or
+    ``bundled`` -> checkpoint folder."""
+    path = resolve_model_path(path)
     if not path.exists():
         raise CheckpointError(f"no such run or checkpoint folder: {path}")
     if path.is_dir() and CKPT_RE.match(path.name):

@@ -95,6 +95,10 @@ def distribution_metrics(extractor, ref_feats: torch.Tensor, gen_feats: torch.Te
     pr = precision_recall(ref_feats, gen_feats, k)
     if kr.subset_size < kid_subset_size:
         notes.append(f"KID subset size reduced from {kid_subset_size} to {kr.subset_size} (the smaller set's size)")
+    if abs(kr.mean) < 2 * kr.std:
+        notes.append(f"{names['kid']} {kr.mean:.4g} is within 2 standard deviations ({kr.std:.3g}) of 0: at "
+                     f"{kr.subset_size} images the sets are not told apart by KID (its unbiased estimate can be "
+                     "negative); use more images (--n) to resolve it")
     d = extractor.dim
     if min(len(ref_feats), len(gen_feats)) <= d:
         notes.append(f"{names['fd']}: fewer images ({min(len(ref_feats), len(gen_feats))}) than feature "

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import re
+import string
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +63,15 @@ class WordTokenizer(Tokenizer):
 
     def encode_text(self, text: str) -> list[int]:
         return [self.index.get(w, self.unk_token_id) for w in split_words(text)]
+
+    def unknown_words(self, text: str) -> list[str]:
+        """The words of ``text`` outside the vocabulary (each once, in order; ASCII punctuation left out):
+        they all become ``[UNK]``, so the model cannot tell them apart."""
+        seen: dict[str, None] = {}
+        for w in split_words(text):
+            if w not in self.index and not (len(w) == 1 and w in string.punctuation):
+                seen.setdefault(w)
+        return list(seen)
 
     def __call__(self, prompts: list[str], max_length: int | None = None, truncation: bool = True) -> TokenizedBatch:
         n = max_length or self.model_max_length
@@ -221,6 +231,20 @@ class WindowedTokens:
     def rows(self, index: torch.Tensor) -> "WindowedTokens":
         """The prompts at ``index`` (B,) in that order."""
         return WindowedTokens(*(t[:, index] for t in (self.input_ids, self.mask, self.weights, self.visible)))
+
+
+def ignored_words(encoder: TextEncoder, prompt: str) -> list[str]:
+    """Words of ``prompt`` (A1111 weighting brackets removed) that a word-level encoder does not know;
+    [] for encoders with subword tokenizers, which spell any word."""
+    from .prompt import parse_prompt_weights
+
+    tokenizer = getattr(encoder, "tokenizer", None)
+    if not isinstance(tokenizer, WordTokenizer):
+        return []
+    words: dict[str, None] = {}
+    for text, _ in parse_prompt_weights(prompt):
+        words.update(dict.fromkeys(tokenizer.unknown_words(text)))
+    return list(words)
 
 
 def text_cond(encoder: TextEncoder, prompts: list[str]) -> dict[str, torch.Tensor]:

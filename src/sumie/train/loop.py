@@ -37,6 +37,7 @@ from ..text.small import WordTokenizer, text_cond
 from ..pipeline import class_cond, sample
 from .ema import EMA
 from .optim import adamw, load_optimizer, optimizer_tensors
+from .rundir import prepare_run_dir, truncate_log
 
 
 class TrainingDiverged(RuntimeError):
@@ -199,10 +200,12 @@ def _stop_on_signals(flag: threading.Event):
 class Trainer:
     """Holds the model, optimizer, EMA and RNGs of one run; :meth:`run` trains it."""
 
-    def __init__(self, config: RunConfig, run_dir: str | Path, *, resume: bool = False, progress: bool = True):
+    def __init__(self, config: RunConfig, run_dir: str | Path, *, resume: bool = False, progress: bool = True,
+                 overwrite: bool = False):
         self.config = config
         self.run_dir = Path(run_dir)
         self.progress = progress
+        prepare_run_dir(self.run_dir, resume=resume, overwrite=overwrite)  # before any work
         t = config.train
         if t.lr_schedule not in ("constant", "cosine"):
             raise ValueError(f"unknown lr_schedule {t.lr_schedule!r}; valid: constant, cosine")
@@ -333,6 +336,7 @@ class Trainer:
         self.cond_gen.set_state(tensors["rng.cond"])
         torch.set_rng_state(tensors["rng.torch"])
         self.step, self.elapsed = state["step"], state["elapsed_s"]
+        truncate_log(self.run_dir / "log.jsonl", self.step)  # entries after the checkpoint are written again
         self.ema.num_updates = state["ema_updates"]
         if self.text_ema is not None:
             self.text_ema.num_updates = state["ema_updates"]
@@ -594,6 +598,6 @@ class Trainer:
 
 
 def train(config: RunConfig, run_dir: str | Path, *, resume: bool = False, progress: bool = True,
-          max_steps: int | None = None) -> TrainResult:
+          max_steps: int | None = None, overwrite: bool = False) -> TrainResult:
     """Train ``config`` into ``run_dir`` (see :class:`Trainer`)."""
-    return Trainer(config, run_dir, resume=resume, progress=progress).run(max_steps)
+    return Trainer(config, run_dir, resume=resume, progress=progress, overwrite=overwrite).run(max_steps)

@@ -43,6 +43,7 @@ from .ema import EMA
 from .optim import adamw, load_optimizer, optimizer_tensors
 from .loop import (DataOrder, Trainer, TrainingDiverged, _stop_on_signals,
                    dataset_for, resolve_device)
+from .rundir import prepare_run_dir, truncate_log
 
 
 @dataclass
@@ -277,8 +278,10 @@ class VAETrainer:
     lr_at = Trainer.lr_at  # warmup + constant/cosine: the diffusion trainer's schedule, read off config.train
     progress_fraction = Trainer.progress_fraction
 
-    def __init__(self, config: VAETrainConfig, run_dir: str | Path, *, resume: bool = False, progress: bool = True):
+    def __init__(self, config: VAETrainConfig, run_dir: str | Path, *, resume: bool = False, progress: bool = True,
+                 overwrite: bool = False):
         self.config, self.run_dir, self.progress = config, Path(run_dir), progress
+        prepare_run_dir(self.run_dir, resume=resume, overwrite=overwrite)  # before any work
         t, lc = config.train, config.loss
         if t.lr_schedule not in ("constant", "cosine"):
             raise ValueError(f"unknown lr_schedule {t.lr_schedule!r}; valid: constant, cosine")
@@ -329,6 +332,7 @@ class VAETrainer:
         self.noise_gen.set_state(tensors["rng.noise"])
         torch.set_rng_state(tensors["rng.torch"])
         self.step, self.elapsed = state["step"], state["elapsed_s"]
+        truncate_log(self.run_dir / "log.jsonl", self.step)  # entries after the checkpoint are written again
         if self.ema is not None:
             self.ema.num_updates = state["ema_updates"]
 
@@ -491,6 +495,6 @@ class VAETrainer:
 
 
 def train_vae(config: VAETrainConfig, run_dir: str | Path, *, resume: bool = False, progress: bool = True,
-              max_steps: int | None = None) -> VAETrainResult:
+              max_steps: int | None = None, overwrite: bool = False) -> VAETrainResult:
     """Train the autoencoder of ``config`` into ``run_dir`` (see :class:`VAETrainer`)."""
-    return VAETrainer(config, run_dir, resume=resume, progress=progress).run(max_steps)
+    return VAETrainer(config, run_dir, resume=resume, progress=progress, overwrite=overwrite).run(max_steps)

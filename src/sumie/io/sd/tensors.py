@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import mmap
 import os
+import pickle
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -225,6 +226,22 @@ _INERT_GLOBALS = [
 ]
 
 
+def refusal_message(path: Path, error: Exception) -> str:
+    """One line in sumie's words for a pickle the restricted unpickler refused (naming the object it
+    would have had to build) or could not read; torch's own message advises turning the protection off."""
+    import re
+
+    text = str(error)
+    found = re.search(r"GLOBAL ([\w.]+)", text) or re.search(r"Unsupported (?:global|operand)[:\s]+([^\s.]+(?:\.[\w]+)*)", text)
+    if found or isinstance(error, pickle.UnpicklingError):
+        what = f"an object of type {found.group(1)}" if found else "something other than tensors"
+        return (f"{path}: the restricted unpickler refused it: it holds {what}, and building that could run "
+                "code; sumie admits only tensors and plain containers from a pickle. Ask its publisher for a "
+                ".safetensors file, or convert it in an isolated environment you can throw away.")
+    first = (text.strip().splitlines() or [type(error).__name__])[0][:200]
+    return f"{path} is damaged or not a PyTorch checkpoint ({type(error).__name__}: {first})"
+
+
 def load_pickle(path: str | Path, *, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
     """Tensors of a ``.ckpt``/``.pt`` pickle through the restricted (weights-only) unpickler;
     refused unless ``allow_pickle``. Lightning's ``{"state_dict": ...}`` wrapper is unwrapped."""
@@ -243,7 +260,7 @@ def load_pickle(path: str | Path, *, allow_pickle: bool = False) -> dict[str, to
                     raise
                 obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # UnpicklingError for refused globals, RuntimeError/EOFError for damage
-        raise CheckpointError(f"{path} was refused by the restricted unpickler or is damaged: {e}") from e
+        raise CheckpointError(refusal_message(path, e)) from None
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict):
