@@ -319,3 +319,20 @@ def test_diffusers_timestep_rounding_is_an_option(family_pipe):
                round_timesteps=True).numpy()
     print(f"{kind} dpmpp_2m karras, rounded timesteps: {max_diff(got, ref)}/255")
     assert max_diff(got, ref) <= 1
+
+
+@pytest.fixture(scope="module")
+def sd1_64(tmp_path_factory):
+    pipe, folder = build(tmp_path_factory.mktemp("sd1_64"), "sd1", size=64)
+    return pipe, StableDiffusion.from_pretrained(folder)
+
+
+@pytest.mark.parametrize("sampler", ["euler", "ddim", "dpmpp_2m", "uni_pc_bh2", "deis"])
+def test_a_larger_latent_and_fewer_steps_match_too(sd1_64, sampler):
+    """Another size (64 px images, 16x16 latents) and step count (9) on SD 1.5's config."""
+    pipe, ours = sd1_64
+    cls, opts, extra = PAIRS[sampler]
+    z = ours.initial_noise(1, 64, 64, 0.0, seed=6)
+    d = max_diff(sumie_image(ours, sampler, opts, 6, 9, 64), run_diffusers(pipe, "sd1", cls, extra, z, 6, 9, 64))
+    print(f"sd1 64px {sampler} 9 steps: {d}/255")
+    assert d <= 1
