@@ -23,15 +23,12 @@ from .image import from_pil, make_grid, save_gif, save_png, to_uint8
 
 
 def load_image(path: str | Path, size: int) -> torch.Tensor:
-    """Read an image, centre-crop it square and resize to ``size``: (3, size, size) in [-1, 1]."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"image not found: {path}")
-    try:
-        img = Image.open(path)
-        img.load()
-    except Exception as e:  # PIL raises many types for damaged files
-        raise ValueError(f"cannot read {path} as an image ({e})") from e
+    """Read an image (any PIL mode, EXIF orientation applied, transparency on white:
+    :func:`sumie.generation.images.load_image`), centre-crop it square and resize to ``size``:
+    (3, size, size) in [-1, 1]."""
+    from .generation.images import load_image as read_image
+
+    img = read_image(Path(path))
     w, h = img.size
     s = min(w, h)
     img = img.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
