@@ -38,11 +38,13 @@ def resolve_sampling(sampler: str, schedule: str | None = None, default_schedule
     return name, schedule or named or default_schedule
 
 
-def check_sampler_options(sampler: str, eta: float | None, order: int | None = None, name: str | None = None) -> dict:
-    """The sampler's extra keyword arguments: the defaults its given ``name`` implies (a diffusers
-    scheduler class brings its own, e.g. UniPC's order 2), then ``eta`` and ``order`` when given;
-    a sampler refuses an option it does not take, naming those that do."""
-    kw = sampler_defaults(name) if name else {}
+def check_sampler_options(name: str, eta: float | None = None, order: int | None = None) -> dict:
+    """The extra keyword arguments of the sampler a user named (any name :func:`resolve_sampling`
+    accepts): the defaults the name implies (a diffusers scheduler class brings its own, e.g.
+    UniPC's order 2), then ``eta`` and ``order`` when given; a sampler refuses an option it does
+    not take, naming those that do."""
+    sampler = resolve_sampler_name(name)[0]
+    kw = sampler_defaults(name)
     for key, value in (("eta", eta), ("order", order)):
         if value is None:
             continue
@@ -66,6 +68,7 @@ def sample(denoiser: Denoiser, shape: Sequence[int], n: int, *, cond: dict | Non
     one the sampler name carries, else karras. Returns the final x (sigma = 0) in the model's
     data space, (n, C, H, W) float32.
     """
+    kwargs = check_sampler_options(sampler, eta)
     sampler, schedule = resolve_sampling(sampler, schedule)
     fn = SAMPLERS[sampler]
     if device is None:
@@ -73,7 +76,6 @@ def sample(denoiser: Denoiser, shape: Sequence[int], n: int, *, cond: dict | Non
     if sigmas is None:
         sigmas = sigmas_for(denoiser, schedule, steps, rho)
     sigmas = sigmas.to(device=device, dtype=torch.float32)
-    kwargs = check_sampler_options(sampler, eta)
     gens = generators_for(seed, n)  # one generator per image for the initial AND the per-step noise
     x = start_state(randn((n, *shape), gens, device=device), float(sigmas[0]),
                     pure_noise_scale=noise_scale(denoiser, float(sigmas[0])))

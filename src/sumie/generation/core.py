@@ -150,8 +150,8 @@ def generate(family, request: GenerationRequest | None = None, **fields) -> Gene
     req.check()
     t0 = time.perf_counter()
     d = family.defaults
+    kw = check_sampler_options(req.sampler or d.sampler, req.eta, req.order)
     sampler, schedule = resolve_sampling(req.sampler or d.sampler, req.schedule, default_schedule=d.schedule)
-    kw = check_sampler_options(sampler, req.eta, req.order, name=req.sampler or d.sampler)
     steps = req.steps or d.steps
     guidance = d.guidance_scale if req.guidance_scale is None else req.guidance_scale
     mode = req.mode

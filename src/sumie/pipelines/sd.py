@@ -333,7 +333,7 @@ class StableDiffusion:
     def initial_noise(self, n: int, height: int, width: int, sigma_max: float, seed: int) -> torch.Tensor:
         """x_T = z * sqrt(1 + sigma_max^2), z ~ N(0, I) per sample from seeds seed .. seed+n-1; (n, C, h, w)."""
         f = self.checkpoint.vae_config.downsampling_factor
-        c = self.checkpoint.unet_config.in_channels
+        c = self.checkpoint.vae_config.embed_dim  # latent channels (a 9-channel inpainting U-Net takes more)
         z = randn((n, c, height // f, width // f), generators_for(seed, n))
         return z * (1 + sigma_max**2) ** 0.5
 

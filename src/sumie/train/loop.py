@@ -161,6 +161,12 @@ def make_loss(config: RunConfig, denoiser: Denoiser) -> DiffusionLoss:
     return DiffusionLoss(sampler, d.loss_weighting, d.min_snr_gamma, d.noise_offset)
 
 
+def drop_mask(n: int, p: float, generator: torch.Generator) -> torch.Tensor:
+    """(n,) bool: which examples lose their condition (CFG's condition dropout, Ho & Salimans 2022);
+    drawn on the CPU from ``generator`` so cached and uncached runs drop the same examples."""
+    return torch.rand(n, generator=generator) < p if p > 0 else torch.zeros(n, dtype=torch.bool)
+
+
 def batch_to_cond(config: RunConfig, batch: dict, device, generator: torch.Generator,
                   text_encoder=None) -> dict | None:
     """Condition dict for a batch, with condition dropout (p = cond_drop_prob) for CFG: a dropped
@@ -168,9 +174,7 @@ def batch_to_cond(config: RunConfig, batch: dict, device, generator: torch.Gener
     kind = config.data.conditioning
     if kind == "none":
         return None
-    n = batch["x"].shape[0]
-    p = config.train.cond_drop_prob
-    drop = torch.rand(n, generator=generator) < p if p > 0 else torch.zeros(n, dtype=torch.bool)
+    drop = drop_mask(batch["x"].shape[0], config.train.cond_drop_prob, generator)
     if kind == "caption":
         captions = ["" if d else c for c, d in zip(batch["caption"], drop.tolist())]
         return text_cond(text_encoder, captions)
@@ -413,10 +417,7 @@ class Trainer:
         batch = self.cache.batch((step * t.grad_accum + micro) * t.batch_size, t.batch_size)
         if kind == "none":
             return batch["x0"], None
-        p = t.cond_drop_prob
-        n = t.batch_size
-        drop = torch.rand(n, generator=self.cond_gen) < p if p > 0 else torch.zeros(n, dtype=torch.bool)
-        drop = drop.to(self.device, non_blocking=True)
+        drop = drop_mask(t.batch_size, t.cond_drop_prob, self.cond_gen).to(self.device, non_blocking=True)
         if kind == "caption":
             rows = torch.where(drop, torch.full_like(batch["slots"], self.cache.size), batch["slots"])
             return batch["x0"], self.text.encode_tokens(self.cache.tokens.rows(rows)).as_cond(
@@ -434,8 +435,8 @@ class Trainer:
         self._batches, self._next_batch = iter(loader), (step, 0)
 
     def train_step(self) -> torch.Tensor:
-        """One optimizer step (all micro-batches); returns the loss (a 0-d device tensor). With train.compile the first step
-        compiles the U-Net; if that fails (no C++ compiler, an unsupported op) the step is redone
+        """One optimizer step (all micro-batches); returns the loss (a 0-d device tensor). With
+        train.compile the first step compiles the U-Net; if that fails (no C++ compiler, an unsupported op) the step is redone
         eagerly, from the same random state, and training goes on without compilation."""
         if not self._compile_pending:
             return self._train_step()
@@ -457,7 +458,7 @@ class Trainer:
 
     def _train_step(self) -> torch.Tensor:
         """One optimizer step; returns its loss as a 0-d tensor on the training device, read by
-        :meth:`run` only where it logs or checkpoints (:meth:`_check_losses`)."""
+        :meth:`run` only where it logs or checkpoints (a non-finite one stops the run there)."""
         t = self.config.train
         for g in self.opt.param_groups:
             g["lr"] = self.lr_at(self.step)
